@@ -1,0 +1,89 @@
+"""Verification of the chain: every link, gapless seqs from 1, and the head row."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from kms_service.audit.chain import GENESIS_HASH, event_document, link_hash
+from kms_service.db.engine import Database
+from kms_service.db.models import AuditEvent, AuditHead
+
+CHUNK = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    valid: bool
+    checked: int
+    head_seq: int
+    head_hash: str
+    first_invalid_seq: int | None
+    reason: str | None = None
+
+
+def _event_doc(row: AuditEvent) -> dict[str, object]:
+    return event_document(
+        seq=row.seq,
+        time=row.time,
+        actor_type=row.actor_type,
+        actor_id=row.actor_id,
+        action=row.action,
+        tenant=row.tenant,
+        key=row.key,
+        version=row.version,
+        outcome=row.outcome,
+        request_id=row.request_id,
+        source=row.source,
+        details=row.details,
+        prev_hash=row.prev_hash,
+    )
+
+
+async def verify_chain(db: Database, *, audit_key: bytes) -> VerifyResult:
+    """Walk the whole chain in seq order. The first bad seq is the first one whose row is
+    missing, altered, out of place, or beyond the recorded head."""
+    async with db.read() as session:
+        head = (
+            await session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1))
+        ).one_or_none()
+    head_seq, head_hash = (head.seq, head.hash) if head is not None else (0, GENESIS_HASH)
+
+    expected_seq = 1
+    prev = GENESIS_HASH
+    checked = 0
+
+    def fail(seq: int, reason: str) -> VerifyResult:
+        return VerifyResult(False, checked, head_seq, head_hash.hex(), seq, reason)
+
+    after = 0
+    while True:
+        async with db.read() as session:
+            rows = (
+                await session.scalars(
+                    select(AuditEvent).where(AuditEvent.seq > after).order_by(AuditEvent.seq).limit(CHUNK)
+                )
+            ).all()
+        if not rows:
+            break
+        for row in rows:
+            if row.seq != expected_seq:
+                return fail(expected_seq, "missing event")
+            if row.seq > head_seq:
+                return fail(row.seq, "event beyond the recorded head")
+            if not hmac.compare_digest(row.prev_hash, prev):
+                return fail(row.seq, "prev_hash does not link to the previous event")
+            digest = link_hash(audit_key=audit_key, prev_hash=prev, document=_event_doc(row))
+            if not hmac.compare_digest(digest, row.hash):
+                return fail(row.seq, "hash does not match the event")
+            prev = row.hash
+            checked += 1
+            expected_seq += 1
+        after = rows[-1].seq
+    if checked < head_seq:
+        return fail(expected_seq, "events missing at the tail (truncated)")
+    if not hmac.compare_digest(prev, head_hash):
+        return fail(head_seq, "head hash does not match the last event")
+    return VerifyResult(True, checked, head_seq, head_hash.hex(), None)

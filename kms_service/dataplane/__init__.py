@@ -1,0 +1,1 @@
+"""The storage-agent API: derive, datakey, encrypt, decrypt, rewrap."""

@@ -1,0 +1,1 @@
+"""Tenant keys: versions, lifecycle, the key metadata cache and KEK secrets."""

@@ -1,0 +1,375 @@
+"""Key management: create, read, update, rotate and move versions through their lifecycle.
+
+Each change is one transaction that also appends its audit event (no audit, no change) and a
+change-feed entry so every replica drops its cached copy.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from kms_service.audit.chain import EventDraft
+from kms_service.audit.writer import Change, Clock, append_events, utcnow
+from kms_service.db.engine import Database
+from kms_service.db.models import Key, KeyVersion, Tenant
+from kms_service.errors import (
+    AlreadyExists,
+    InvalidRequest,
+    InvalidStateTransition,
+    NotFound,
+    UnsupportedProvider,
+)
+from kms_service.keys.cache import KeyMetaCache
+from kms_service.keys.material import KeyMaterial
+from kms_service.keys.model import KeyMeta, KeyState, VersionMeta, VersionState
+from kms_service.master import Installation
+from kms_service.request import Actx
+from providers import ProviderConfigError, parse_provider_config
+
+DEFAULT_DESTRUCTION_DAYS = 30
+MIN_DESTRUCTION_DAYS = 7
+MAX_DESTRUCTION_DAYS = 365
+
+# action -> (allowed from-states, to-state, audit action)
+TRANSITIONS: dict[str, tuple[frozenset[VersionState], VersionState, str]] = {
+    "disable": (frozenset({VersionState.ENABLED}), VersionState.DISABLED, "key.version.disabled"),
+    "enable": (frozenset({VersionState.DISABLED}), VersionState.ENABLED, "key.version.enabled"),
+    "schedule-destruction": (
+        frozenset({VersionState.ENABLED, VersionState.DISABLED}),
+        VersionState.SCHEDULED_FOR_DESTRUCTION,
+        "key.version.destruction_scheduled",
+    ),
+    "restore": (
+        frozenset({VersionState.SCHEDULED_FOR_DESTRUCTION}),
+        VersionState.DISABLED,
+        "key.version.restored",
+    ),
+}
+
+
+def to_meta(key: Key, versions: list[KeyVersion]) -> KeyMeta:
+    return KeyMeta(
+        tenant=key.tenant_id,
+        name=key.name,
+        provider_type=key.provider_type,
+        provider_config=dict(key.provider_config),
+        state=KeyState(key.state),
+        min_decryption_version=key.min_decryption_version,
+        rotation_period_days=key.rotation_period_days,
+        next_rotation_at=key.next_rotation_at,
+        created_at=key.created_at,
+        versions={
+            v.version: VersionMeta(
+                version=v.version,
+                state=VersionState(v.state),
+                version_salt=v.version_salt,
+                wrapped_secret=v.wrapped_secret,
+                created_at=v.created_at,
+                destroy_at=v.destroy_at,
+            )
+            for v in versions
+        },
+    )
+
+
+class KeyService:
+    def __init__(
+        self,
+        db: Database,
+        installation: Installation,
+        material: KeyMaterial,
+        cache: KeyMetaCache,
+        *,
+        clock: Clock = utcnow,
+    ) -> None:
+        self._db = db
+        self._inst = installation
+        self._material = material
+        self._cache = cache
+        self._clock = clock
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def get_meta(self, tenant: str, key: str) -> KeyMeta | None:
+        """Cached metadata for the data plane; None if the key does not exist."""
+        found, meta = self._cache.get((tenant, key))
+        if found:
+            return meta
+        async with self._db.read() as session:
+            meta = await self._load(session, tenant, key)
+        self._cache.put((tenant, key), meta)
+        return meta
+
+    async def get(self, tenant: str, key: str) -> KeyMeta:
+        async with self._db.read() as session:
+            meta = await self._load(session, tenant, key)
+        if meta is None:
+            raise NotFound(f"key {key!r} of tenant {tenant!r} not found")
+        return meta
+
+    async def list(self, tenant: str) -> list[KeyMeta]:
+        async with self._db.read() as session:
+            if await session.get(Tenant, tenant) is None:
+                raise NotFound(f"tenant {tenant!r} not found")
+            keys = (
+                await session.scalars(select(Key).where(Key.tenant_id == tenant).order_by(Key.name))
+            ).all()
+            versions = (
+                await session.scalars(
+                    select(KeyVersion)
+                    .where(KeyVersion.key_id.in_([k.id for k in keys]))
+                    .order_by(KeyVersion.version)
+                )
+            ).all()
+        by_key: dict[int, list[KeyVersion]] = {}
+        for v in versions:
+            by_key.setdefault(v.key_id, []).append(v)
+        return [to_meta(k, by_key.get(k.id, [])) for k in keys]
+
+    @staticmethod
+    async def _load(session: AsyncSession, tenant: str, key: str, *, lock: bool = False) -> KeyMeta | None:
+        row = await KeyService._key_row(session, tenant, key, lock=lock)
+        if row is None:
+            return None
+        versions = (
+            await session.scalars(
+                select(KeyVersion).where(KeyVersion.key_id == row.id).order_by(KeyVersion.version)
+            )
+        ).all()
+        return to_meta(row, list(versions))
+
+    @staticmethod
+    async def _key_row(session: AsyncSession, tenant: str, key: str, *, lock: bool = False) -> Key | None:
+        stmt = select(Key).where(Key.tenant_id == tenant, Key.name == key)
+        if lock:
+            stmt = stmt.with_for_update()
+        return (await session.scalars(stmt)).one_or_none()
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def _audit(
+        self,
+        session: AsyncSession,
+        ctx: Actx,
+        action: str,
+        *,
+        tenant: str,
+        key: str,
+        version: int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        body = dict(details or {})
+        if ctx.reason:
+            body["reason"] = ctx.reason
+        await append_events(
+            session,
+            [
+                EventDraft(
+                    action=action,
+                    actor=ctx.actor,
+                    tenant=tenant,
+                    key=key,
+                    version=version,
+                    request_id=ctx.meta.request_id,
+                    source=ctx.meta.source,
+                    details=body,
+                )
+            ],
+            audit_key=self._inst.audit_key.reveal(),
+            clock=self._clock,
+            change=Change(kind="key", tenant=tenant, key=key),
+        )
+
+    def _next_rotation(self, period_days: int | None, now: datetime) -> datetime | None:
+        return now + timedelta(days=period_days) if period_days else None
+
+    async def create(
+        self, ctx: Actx, *, tenant: str, name: str, provider: dict[str, Any], rotation_period_days: int | None
+    ) -> KeyMeta:
+        try:
+            config = parse_provider_config(provider)
+        except ProviderConfigError as exc:
+            raise UnsupportedProvider(str(exc)) from None
+        stored_config = config.model_dump(exclude=set(config.secret_fields))
+        if config.secret_fields:  # issue: write-only credentials arrive with the providers
+            raise UnsupportedProvider(f"provider {config.type!r} credentials are not supported yet")
+        salt, wrapped = await self._material.new_version(stored_config, tenant=tenant, key=name, version=1)
+        now = self._clock()
+        try:
+            async with self._db.write() as session:
+                if await session.get(Tenant, tenant) is None:
+                    raise NotFound(f"tenant {tenant!r} not found")
+                if await self._key_row(session, tenant, name) is not None:
+                    raise AlreadyExists(f"key {name!r} already exists in tenant {tenant!r}")
+                row = Key(
+                    tenant_id=tenant,
+                    name=name,
+                    provider_type=config.type,
+                    provider_config=stored_config,
+                    provider_secrets=None,
+                    state=KeyState.ENABLED.value,
+                    min_decryption_version=1,
+                    rotation_period_days=rotation_period_days,
+                    next_rotation_at=self._next_rotation(rotation_period_days, now),
+                    created_at=now,
+                    updated_at=now,
+                )
+                session.add(row)
+                await session.flush()
+                session.add(
+                    KeyVersion(
+                        key_id=row.id,
+                        version=1,
+                        state=VersionState.ENABLED.value,
+                        version_salt=salt,
+                        wrapped_secret=wrapped,
+                        created_at=now,
+                        state_changed_at=now,
+                        destroy_at=None,
+                        destroyed_at=None,
+                    )
+                )
+                await session.flush()
+                await self._audit(
+                    session,
+                    ctx,
+                    "key.created",
+                    tenant=tenant,
+                    key=name,
+                    version=1,
+                    details={"provider": stored_config, "rotation_period_days": rotation_period_days},
+                )
+                meta = await self._load(session, tenant, name)
+        except IntegrityError:
+            raise AlreadyExists(f"key {name!r} already exists in tenant {tenant!r}") from None
+        self._cache.invalidate(tenant, name)
+        assert meta is not None
+        return meta
+
+    async def rotate(self, ctx: Actx, *, tenant: str, key: str) -> KeyMeta:
+        async with self._db.write() as session:
+            row = await self._key_row(session, tenant, key, lock=True)
+            if row is None:
+                raise NotFound(f"key {key!r} of tenant {tenant!r} not found")
+            latest = await session.scalar(
+                select(func.max(KeyVersion.version)).where(KeyVersion.key_id == row.id)
+            )
+            version = int(latest or 0) + 1
+            salt, wrapped = await self._material.new_version(
+                row.provider_config, tenant=tenant, key=key, version=version
+            )
+            now = self._clock()
+            session.add(
+                KeyVersion(
+                    key_id=row.id,
+                    version=version,
+                    state=VersionState.ENABLED.value,
+                    version_salt=salt,
+                    wrapped_secret=wrapped,
+                    created_at=now,
+                    state_changed_at=now,
+                    destroy_at=None,
+                    destroyed_at=None,
+                )
+            )
+            row.updated_at = now
+            row.next_rotation_at = self._next_rotation(row.rotation_period_days, now)
+            await session.flush()
+            await self._audit(
+                session,
+                ctx,
+                "key.rotated",
+                tenant=tenant,
+                key=key,
+                version=version,
+                details={"previous_version": version - 1},
+            )
+            meta = await self._load(session, tenant, key)
+        self._cache.invalidate(tenant, key)
+        assert meta is not None
+        return meta
+
+    async def update(self, ctx: Actx, *, tenant: str, key: str, changes: dict[str, Any]) -> KeyMeta:
+        async with self._db.write() as session:
+            row = await self._key_row(session, tenant, key, lock=True)
+            if row is None:
+                raise NotFound(f"key {key!r} of tenant {tenant!r} not found")
+            latest = int(
+                await session.scalar(select(func.max(KeyVersion.version)).where(KeyVersion.key_id == row.id))
+                or 0
+            )
+            audit: dict[str, Any] = {}
+            now = self._clock()
+            if "min_decryption_version" in changes:
+                value = changes["min_decryption_version"]
+                if value > latest:
+                    raise InvalidRequest(
+                        f"min_decryption_version must be at most the latest version ({latest})"
+                    )
+                audit["min_decryption_version"] = {"from": row.min_decryption_version, "to": value}
+                row.min_decryption_version = value
+            if "rotation_period_days" in changes:
+                value = changes["rotation_period_days"]
+                audit["rotation_period_days"] = {"from": row.rotation_period_days, "to": value}
+                row.rotation_period_days = value
+                row.next_rotation_at = self._next_rotation(value, now)
+            if not audit:
+                raise InvalidRequest("nothing to update: give min_decryption_version or rotation_period_days")
+            row.updated_at = now
+            await session.flush()
+            await self._audit(session, ctx, "key.updated", tenant=tenant, key=key, details=audit)
+            meta = await self._load(session, tenant, key)
+        self._cache.invalidate(tenant, key)
+        assert meta is not None
+        return meta
+
+    async def transition(
+        self,
+        ctx: Actx,
+        *,
+        tenant: str,
+        key: str,
+        version: int,
+        action: str,
+        waiting_period_days: int | None = None,
+    ) -> KeyMeta:
+        allowed, target, audit_action = TRANSITIONS[action]
+        if action != "schedule-destruction" and waiting_period_days is not None:
+            raise InvalidRequest("waiting_period_days applies to schedule-destruction only")
+        async with self._db.write() as session:
+            row = await self._key_row(session, tenant, key, lock=True)
+            if row is None:
+                raise NotFound(f"key {key!r} of tenant {tenant!r} not found")
+            ver = await session.get(KeyVersion, (row.id, version))
+            if ver is None:
+                raise NotFound(f"version {version} of key {key!r} not found")
+            current = VersionState(ver.state)
+            if current not in allowed:
+                raise InvalidStateTransition(
+                    f"version {version} is {current.value}; {action} needs "
+                    + " or ".join(sorted(s.value for s in allowed))
+                )
+            now = self._clock()
+            details: dict[str, Any] = {"from": current.value, "to": target.value}
+            ver.state = target.value
+            ver.state_changed_at = now
+            if target is VersionState.SCHEDULED_FOR_DESTRUCTION:
+                days = DEFAULT_DESTRUCTION_DAYS if waiting_period_days is None else waiting_period_days
+                ver.destroy_at = now + timedelta(days=days)
+                details["destroy_at"] = ver.destroy_at.isoformat()
+            elif current is VersionState.SCHEDULED_FOR_DESTRUCTION:
+                ver.destroy_at = None
+            row.updated_at = now
+            await session.flush()
+            await self._audit(
+                session, ctx, audit_action, tenant=tenant, key=key, version=version, details=details
+            )
+            meta = await self._load(session, tenant, key)
+        self._cache.invalidate(tenant, key)
+        assert meta is not None
+        return meta

@@ -1,0 +1,105 @@
+"""Process settings from `KMS_*` environment variables (and an optional env file).
+
+Validated once at start: a bad value stops the process with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(Exception):
+    """Settings could not be loaded; the message names every bad variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KMS_", extra="ignore", frozen=True)
+
+    data_dir: Path = Path(".kms")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL; default SQLite at <data_dir>/kms.db. "
+        "PostgreSQL: postgresql+asyncpg://user@host/db",
+    )
+    listen: str = "127.0.0.1:8400"
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    log_level: str = "info"
+    master_secret_file: Path | None = Field(default=None, description="Default <data_dir>/master.key")
+
+    # Caches on the data plane (bounded staleness; see docs/ARCHITECTURE.md).
+    kek_cache_ttl_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    kek_cache_max_entries: Annotated[int, Field(ge=1)] = 100_000
+    metadata_cache_max_age_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+    change_poll_interval_seconds: Annotated[float, Field(gt=0, le=2)] = 0.5
+    token_cache_max_entries: Annotated[int, Field(ge=1)] = 100_000
+
+    # Request limits.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024
+    max_batch_items: Annotated[int, Field(ge=1, le=10_000)] = 1000
+
+    # Audit group commit.
+    audit_batch_max_events: Annotated[int, Field(ge=1, le=10_000)] = 500
+
+    db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
+    db_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8400")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return value.lower()
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError(
+                "must start with sqlite+aiosqlite:// or postgresql+asyncpg:// "
+                "(e.g. postgresql+asyncpg://kms@db:5432/kms)"
+            )
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'kms.db').resolve()}"
+
+    @property
+    def resolved_master_secret_file(self) -> Path:
+        return self.master_secret_file or self.data_dir / "master.key"
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Load settings from the environment (and ``KMS_ENV_FILE`` if set), or raise SettingsError."""
+    env_file = os.environ.get("KMS_ENV_FILE")
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "KMS_" + "_".join(str(p) for p in err["loc"]).upper()
+            lines.append(f"  {name}: {err['msg']}")
+        raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None

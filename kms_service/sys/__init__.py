@@ -1,0 +1,1 @@
+"""Health, identity and metrics."""

@@ -1,0 +1,123 @@
+"""The provider contract: protect a short random secret, and nothing else.
+
+A provider wraps and unwraps the 32-byte KEK secret S of one tenant key version. DEKs never
+cross it: they are derived locally from S, so a provider is called once per cache miss, not once
+per request. Every adapter translates its SDK's exceptions into the errors below at its boundary
+and never logs, formats or returns key material in an error.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+WrapContext = Mapping[str, str]
+"""Binds a wrapped secret to its owner, e.g. ``{"tenant": t, "key": k, "version": "3"}``.
+Backends pass it as encryption context / AAD; unwrapping with another context must fail."""
+
+
+class ProviderError(Exception):
+    """Base of every provider failure. Messages are safe to show: never key material."""
+
+    code: ClassVar[str] = "provider_error"
+    retryable: ClassVar[bool] = False
+
+
+class ProviderUnavailable(ProviderError):
+    """The backend could not be reached or timed out. Retry later (HTTP 503)."""
+
+    code = "provider_unavailable"
+    retryable = True
+
+
+class ProviderAccessDenied(ProviderError):
+    """The backend refused our credentials or role for this key."""
+
+    code = "provider_access_denied"
+
+
+class ProviderKeyNotFound(ProviderError):
+    """The backend key does not exist (or is not visible to us)."""
+
+    code = "provider_key_not_found"
+
+
+class ProviderKeyDisabled(ProviderError):
+    """The backend key exists but is disabled, revoked or pending deletion."""
+
+    code = "provider_key_disabled"
+
+
+class ProviderCryptoError(ProviderError):
+    """Unwrap failed: wrong context, tampered or foreign blob. Deliberately unspecific."""
+
+    code = "provider_crypto_error"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderInfo:
+    """What `describe()` reports: safe, non-secret facts about the backend key."""
+
+    type: str
+    key_ref: str
+    hsm_backed: bool = False
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderHealth:
+    ok: bool
+    latency_ms: float
+    detail: str = ""
+
+
+class KeyProvider(abc.ABC):
+    """One backend key, connected. Implementations must be safe for concurrent use."""
+
+    type: ClassVar[str]
+
+    @abc.abstractmethod
+    async def wrap(self, secret: bytes, *, context: WrapContext) -> bytes:
+        """Return an opaque blob from which only this backend key, with the same ``context``,
+        recovers ``secret``. Raises ProviderError subclasses only."""
+
+    @abc.abstractmethod
+    async def unwrap(self, blob: bytes, *, context: WrapContext) -> bytes:
+        """Invert :meth:`wrap`. A blob wrapped under another key or context raises
+        :class:`ProviderCryptoError`; an unreachable backend :class:`ProviderUnavailable`."""
+
+    @abc.abstractmethod
+    async def describe(self) -> ProviderInfo:
+        """Non-secret facts about the backend key."""
+
+    @abc.abstractmethod
+    async def health(self) -> ProviderHealth:
+        """A cheap liveness probe of the backend key, with its latency. Never raises."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, most adapters hold nothing
+        """Release connections. Idempotent."""
+
+
+class ProviderConfig(BaseModel, abc.ABC):
+    """Plain data that knows how to connect. One subclass per provider ``type``.
+
+    Fields listed in ``secret_fields`` are write-only credentials: the service stores them
+    encrypted and never returns them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    type: str
+    secret_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @abc.abstractmethod
+    async def connect(self, *, local_wrapping_key: bytes | None = None) -> KeyProvider:
+        """Build a connected provider. SDKs are imported here, lazily."""
+
+    def public_view(self) -> dict[str, Any]:
+        """The config as the API shows it: secret fields omitted."""
+        return self.model_dump(exclude=set(self.secret_fields))
