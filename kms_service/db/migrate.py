@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -83,13 +83,13 @@ async def check_schema(engine: AsyncEngine) -> None:
     if current is None:
         raise SchemaMismatch("the database has no kms schema yet: run `kms migrate` (or `kms init`)")
     script = ScriptDirectory.from_config(alembic_config(""))
-    if script.get_revision(current) is None:
+    try:
+        known = script.get_revision(current) is not None
+    except CommandError:
+        known = False
+    if not known:
         raise SchemaMismatch(
             f"the database schema ({current}) is newer than this build knows (head {head}): "
             "upgrade kms-service, or run the version that migrated it"
         )
     raise SchemaMismatch(f"the database schema is at {current}, this build needs {head}: run `kms migrate`")
-
-
-def run(coro_fn: str, url: str) -> None:  # pragma: no cover - helper for manual use
-    asyncio.run({"upgrade": upgrade, "downgrade": downgrade}[coro_fn](url))
