@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,10 @@ class Settings(BaseSettings):
         default=None,
         description="SQLAlchemy async URL; default SQLite at <data_dir>/kms.db. "
         "PostgreSQL: postgresql+asyncpg://user@host/db",
+    )
+    database_url_file: Path | None = Field(
+        default=None,
+        description="A file holding KMS_DATABASE_URL (keeps the password out of the environment)",
     )
     listen: str = "127.0.0.1:8400"
     workers: Annotated[int, Field(ge=1, le=64)] = 1
@@ -75,6 +79,24 @@ class Settings(BaseSettings):
             )
         return value
 
+    @model_validator(mode="after")
+    def _read_database_url_file(self) -> Settings:
+        if self.database_url_file is not None:
+            if self.database_url is not None:
+                raise ValueError("set KMS_DATABASE_URL or KMS_DATABASE_URL_FILE, not both")
+            try:
+                url = self.database_url_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"KMS_DATABASE_URL_FILE: cannot read {self.database_url_file}: {exc.strerror}"
+                ) from None
+            try:
+                checked = self._check_database_url(url)
+            except ValueError as exc:
+                raise ValueError(f"KMS_DATABASE_URL_FILE: {exc}") from None
+            object.__setattr__(self, "database_url", checked)
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{(self.data_dir / 'kms.db').resolve()}"
@@ -92,14 +114,16 @@ class Settings(BaseSettings):
         return int(self.listen.rpartition(":")[2])
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Load settings from the environment (and ``KMS_ENV_FILE`` if set), or raise SettingsError."""
     env_file = os.environ.get("KMS_ENV_FILE")
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = "KMS_" + "_".join(str(p) for p in err["loc"]).upper()
-            lines.append(f"  {name}: {err['msg']}")
+            if err["loc"]:
+                lines.append(f"  KMS_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}")
+            else:
+                lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None
