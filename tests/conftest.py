@@ -113,15 +113,33 @@ class Api:
 
 
 @pytest.fixture
-async def api(settings: Settings, installed: InitResult) -> AsyncIterator[Api]:
+async def api(
+    request: pytest.FixtureRequest, settings: Settings, installed: InitResult
+) -> AsyncIterator[Api]:
+    """The app in-process. Any 5xx answer fails the test, unless it is marked `expect_5xx`
+    (fail-closed tests that make a dependency fail on purpose)."""
     services = await build_services(settings)
     app = create_app(services=services)
+    server_errors: list[str] = []
+
+    async def record_5xx(response: httpx.Response) -> None:
+        if response.status_code >= 500:
+            await response.aread()
+            server_errors.append(
+                f"{response.request.method} {response.request.url.path} -> "
+                f"{response.status_code} {response.text[:300]}"
+            )
+
     try:
         async with LifespanManager(app):
             transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
-            async with httpx.AsyncClient(transport=transport, base_url="http://kms.test") as http:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://kms.test", event_hooks={"response": [record_5xx]}
+            ) as http:
                 assert installed.admin_token is not None
                 yield Api(http=http, services=services, admin_token=installed.admin_token, settings=settings)
     finally:
         await services.pool.close()
         await services.db.dispose()
+    if server_errors and request.node.get_closest_marker("expect_5xx") is None:
+        pytest.fail("server errors (a 5xx on client input is a bug):\n" + "\n".join(server_errors))
