@@ -7,7 +7,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from kms_service.auth.principal import Permission, Principal
 from kms_service.errors import Forbidden
@@ -39,10 +40,16 @@ ServicesDep = Annotated["Services", Depends(get_services)]
 MetaDep = Annotated[RequestMeta, Depends(get_meta)]
 
 
+# Declares the scheme in OpenAPI (the "Authorize" button of /docs); the raw header is still what
+# authenticate() checks, so malformed headers are told apart from missing ones in the audit log.
+bearer_scheme = HTTPBearer(auto_error=False, description="A kms-service token: `kms_...`")
+
+
 async def current_principal(
     request: Request,
     services: ServicesDep,
     meta: MetaDep,
+    _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
     principal = await services.tokens.authenticate(authorization, meta)

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from kms_service.audit.chain import Actor, EventDraft
 from kms_service.audit.writer import AuditBatcher, Change, Clock, append_events, utcnow
@@ -277,9 +277,8 @@ class TokenService:
             if row is None:
                 raise NotFound(f"token {token_id!r} not found")
             if row.revoked_at is None:
-                now = self._clock()
-                await session.execute(update(Token).where(Token.id == token_id).values(revoked_at=now))
-                row.revoked_at = now
+                row.revoked_at = self._clock()
+                await session.flush()
                 await append_events(
                     session,
                     [
