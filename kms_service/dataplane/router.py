@@ -17,6 +17,7 @@ from kms_service.auth.principal import Operation
 from kms_service.dataplane.service import CiphertextItem, DatakeyItem, DeriveItem, EncryptItem, Item
 from kms_service.deps import CurrentPrincipal, MetaDep, ServicesDep
 from kms_service.errors import BatchTooLarge, InvalidRequest, ServiceError
+from kms_service.routing import StrictJsonRoute
 from kms_service.validation import (
     DekId,
     DekLength,
@@ -28,7 +29,7 @@ from kms_service.validation import (
     Version,
 )
 
-router = APIRouter(prefix="/v1/tenants/{tenant}/keys/{key}", tags=["data plane"])
+router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/tenants/{tenant}/keys/{key}", tags=["data plane"])
 
 MAX_PLAINTEXT = 64 * 1024
 MAX_CIPHERTEXT_CHARS = 4 * ((16 + 12 + MAX_PLAINTEXT + 16 + 2) // 3) + 32
@@ -57,9 +58,11 @@ class EncryptIn(StrictModel):
         if len(value) > 4 * ((MAX_PLAINTEXT + 2) // 3):
             raise ValueError("plaintext larger than 64 KiB")
         try:
-            base64.b64decode(value, validate=True)
+            decoded = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError("plaintext must be standard base64") from None
+        if len(decoded) > MAX_PLAINTEXT:
+            raise ValueError("plaintext larger than 64 KiB")
         return value
 
 
