@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
 from sqlalchemy import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import kms_service
@@ -198,13 +199,18 @@ class BodyLimit:
             return
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+        if declared is not None and not declared.isdigit():
+            await _send_problem(scope, send, InvalidRequest("Content-Length must be a decimal number"))
+            return
+        if declared is not None and int(declared) > self.max_bytes:
             await _send_problem(scope, send, PayloadTooLarge(f"the body exceeds {self.max_bytes} bytes"))
             return
         content_type = headers.get(b"content-type")
         has_body = (declared not in (None, b"0")) or b"transfer-encoding" in headers
-        if has_body and content_type is not None and not _is_json(content_type):
-            await _send_problem(scope, send, UnsupportedMediaType("send the body as application/json"))
+        if has_body and (content_type is None or not _is_json(content_type)):
+            await _send_problem(
+                scope, send, UnsupportedMediaType("send the body with Content-Type: application/json")
+            )
             return
         received = 0
         too_large = False
@@ -261,6 +267,16 @@ async def _send_problem(scope: Scope, send: Send, exc: ServiceError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route serves at this path (for the Allow header of a 405)."""
+    allowed = []
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 def create_app(settings: Settings | None = None, *, services: Services | None = None) -> FastAPI:
     """Build the ASGI app. With ``services`` given (tests), the lifespan does not build its own."""
     settings = services.settings if services is not None else (settings or load_settings())
@@ -294,6 +310,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        redirect_slashes=False,
     )
     for router in (tenants_router, keys_router, dataplane_router, tokens_router, audit_router, sys_router):
         app.include_router(router)
@@ -314,7 +331,10 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         if exc.status_code == 404:
             mapped = NotFound("no such endpoint")
         elif exc.status_code == 405:
-            mapped = MethodNotAllowed(f"{request.method} is not allowed here")
+            mapped = MethodNotAllowed(
+                f"{request.method} is not allowed here",
+                headers={"Allow": ", ".join(allowed_methods(request))},
+            )
         else:
             mapped = InvalidRequest(str(exc.detail))
         return problem_response(mapped, request)

@@ -8,9 +8,10 @@ from pydantic import BaseModel
 from kms_service.audit.query import list_events
 from kms_service.audit.verify import verify_chain
 from kms_service.deps import AuditReader, ServicesDep
+from kms_service.routing import StrictJsonRoute
 from kms_service.validation import NAME_PATTERN
 
-router = APIRouter(prefix="/v1/audit", tags=["audit"])
+router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/audit", tags=["audit"])
 
 
 class AuditPage(BaseModel):
@@ -33,7 +34,7 @@ async def read_audit(
     services: ServicesDep,
     tenant: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     action: Annotated[str | None, Query(pattern=r"^[a-z_.]{1,64}$")] = None,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditPage:
     events, next_after = await list_events(

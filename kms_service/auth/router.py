@@ -9,16 +9,17 @@ from pydantic import BaseModel, Field, StringConstraints
 from kms_service.auth.principal import Operation, Role
 from kms_service.auth.tokens import TokenView
 from kms_service.deps import MetaDep, ServicesDep, TokenManager
-from kms_service.validation import KeyName, StrictModel, TenantId
+from kms_service.routing import StrictJsonRoute
+from kms_service.validation import DisplayText, KeyName, StrictModel, TenantId
 
-router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
+router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/tokens", tags=["tokens"])
 
 TokenId = Annotated[str, StringConstraints(pattern=r"^tok_[0-9a-f]{16}$")]
 
 
 class TokenCreate(StrictModel):
     role: Literal["admin", "operator", "auditor", "agent"]
-    description: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    description: DisplayText
     tenant: TenantId | None = None
     keys: Annotated[list[KeyName], Field(min_length=1, max_length=1000)] | None = None
     operations: (

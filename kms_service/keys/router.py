@@ -10,9 +10,10 @@ from kms_service.deps import KeyManager, MetaDep, Reader, ServicesDep, actx
 from kms_service.errors import InvalidRequest
 from kms_service.keys.model import KeyMeta
 from kms_service.keys.service import MAX_DESTRUCTION_DAYS, MIN_DESTRUCTION_DAYS
+from kms_service.routing import StrictJsonRoute
 from kms_service.validation import KeyName, Reason, StrictModel, TenantId, Version
 
-router = APIRouter(prefix="/v1/tenants/{tenant}/keys", tags=["keys"])
+router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/tenants/{tenant}/keys", tags=["keys"])
 
 RotationDays = Annotated[int, Field(ge=1, le=3650)]
 

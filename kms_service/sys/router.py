@@ -11,8 +11,9 @@ from sqlalchemy import text
 
 import kms_service
 from kms_service.deps import CurrentPrincipal, ServicesDep
+from kms_service.routing import StrictJsonRoute
 
-router = APIRouter(tags=["system"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["system"])
 
 
 @router.get("/v1/sys/health")

@@ -1,21 +1,21 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
 
 from fastapi import APIRouter
-from pydantic import BaseModel, StringConstraints
+from pydantic import BaseModel
 
 from kms_service.db.models import Tenant
 from kms_service.deps import KeyManager, MetaDep, Reader, ServicesDep, actx
-from kms_service.validation import StrictModel, TenantId
+from kms_service.routing import StrictJsonRoute
+from kms_service.validation import DisplayText, StrictModel, TenantId
 
-router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
+router = APIRouter(route_class=StrictJsonRoute, prefix="/v1/tenants", tags=["tenants"])
 
 
 class TenantCreate(StrictModel):
     id: TenantId
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    name: DisplayText
 
 
 class TenantOut(BaseModel):
