@@ -17,7 +17,10 @@ DekId = Annotated[str, StringConstraints(pattern=DEK_ID_PATTERN)]
 Purpose = Annotated[str, StringConstraints(pattern=PURPOSE_PATTERN)]
 DekLength = Annotated[int, Field(ge=16, le=64)]
 Version = Annotated[int, Field(ge=1, le=2_147_483_647)]
-Reason = Annotated[str, StringConstraints(max_length=500)]
+# Free text that is stored and shown (names, descriptions, reasons): no control characters, which
+# PostgreSQL cannot store (NUL) or which would forge lines in logs and consoles.
+DisplayText = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+Reason = Annotated[str, StringConstraints(max_length=500, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 MAX_CONTEXT_ENTRIES = 64
 MAX_CONTEXT_BYTES = 8192
