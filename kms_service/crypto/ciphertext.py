@@ -83,6 +83,9 @@ def parse_ciphertext(text: str) -> ParsedCiphertext:
         raise DecryptionFailed() from None
     if len(raw) < R_LEN + NONCE_LEN + TAG_LEN:
         raise DecryptionFailed()
+    # One ciphertext, one text form: refuse non-canonical encodings (stray bits in the last char).
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != body:
+        raise DecryptionFailed()
     return ParsedCiphertext(
         version=int(match.group(1)),
         r=raw[:R_LEN],
