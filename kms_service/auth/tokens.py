@@ -88,12 +88,16 @@ def _principal(row: Token) -> Principal:
 
 
 class TokenCache:
-    """hash -> record, bounded (LRU), with a max age; invalidated through the change feed."""
+    """hash -> record, bounded (LRU), with a max age; invalidated through the change feed.
+
+    ``epoch`` counts invalidations so that a fill which read the database before a revocation
+    cannot land after it (see :meth:`put_if_current`)."""
 
     def __init__(self, *, max_entries: int, max_age: float) -> None:
         self._entries: OrderedDict[bytes, tuple[TokenRecord | None, float]] = OrderedDict()
         self._max = max_entries
         self._max_age = max_age
+        self.epoch = 0
 
     def get(self, digest: bytes) -> tuple[bool, TokenRecord | None]:
         hit = self._entries.get(digest)
@@ -108,13 +112,19 @@ class TokenCache:
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
+    def put_if_current(self, digest: bytes, record: TokenRecord | None, epoch: int) -> None:
+        if epoch == self.epoch:
+            self.put(digest, record)
+
     def invalidate_token(self, token_id: str | None) -> None:
         """Drop the token's entry and every negative entry (a new token may now exist)."""
+        self.epoch += 1
         for digest, (record, _) in list(self._entries.items()):
             if record is None or record.principal.token_id == token_id:
                 del self._entries[digest]
 
     def clear(self) -> None:
+        self.epoch += 1
         self._entries.clear()
 
 
@@ -147,8 +157,9 @@ class TokenService:
         digest = hash_token(token)
         found, record = self._cache.get(digest)
         if not found:
+            epoch = self._cache.epoch
             record = await self._load(digest)
-            self._cache.put(digest, record)
+            self._cache.put_if_current(digest, record, epoch)
         if record is None:
             await self._deny(ANONYMOUS, "unknown", meta)
             raise Unauthenticated("invalid or expired token")

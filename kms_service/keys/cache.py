@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from kms_service.keys.model import KeyMeta
@@ -17,12 +18,18 @@ V = TypeVar("V")
 
 
 class TtlLru(Generic[K, V]):
-    """A small LRU whose entries expire ``ttl`` seconds after insertion."""
+    """A small LRU whose entries expire ``ttl`` seconds after insertion.
+
+    ``epoch`` counts invalidations. A fill that read the database before an invalidation must not
+    land after it (it would resurrect the old state): read ``epoch`` before the read and store
+    with :meth:`put_if_current`.
+    """
 
     def __init__(self, *, max_entries: int, ttl: float) -> None:
         self._data: OrderedDict[K, tuple[V, float]] = OrderedDict()
         self._max = max_entries
         self.ttl = ttl
+        self.epoch = 0
 
     def get(self, key: K) -> tuple[bool, V | None]:
         hit = self._data.get(key)
@@ -41,15 +48,24 @@ class TtlLru(Generic[K, V]):
         while len(self._data) > self._max:
             self._data.popitem(last=False)
 
+    def put_if_current(self, key: K, value: V, epoch: int) -> bool:
+        """Store ``value`` unless an invalidation happened since ``epoch`` was read."""
+        if epoch != self.epoch:
+            return False
+        self.put(key, value)
+        return True
+
     def pop(self, key: K) -> None:
+        self.epoch += 1
         self._data.pop(key, None)
 
-    def drop_where(self, predicate: object) -> None:
-        assert callable(predicate)
+    def drop_where(self, predicate: Callable[[K], bool]) -> None:
+        self.epoch += 1
         for key in [k for k in self._data if predicate(k)]:
             del self._data[key]
 
     def clear(self) -> None:
+        self.epoch += 1
         self._data.clear()
 
     def __len__(self) -> int:

@@ -95,6 +95,7 @@ class KeyMaterial:
         found, cached = self._cache.get(ck)
         if found and cached is not None:
             return cached
+        epoch = self._cache.epoch
         if version.version_salt is not None:
             value = crypto.derive_local_kek(
                 master_secret=self._inst.master.reveal(),
@@ -113,5 +114,5 @@ class KeyMaterial:
                 raise provider_error(exc) from None
         else:  # destroyed: no material left
             raise ServiceError("key version has no material")
-        self._cache.put(ck, value)
+        self._cache.put_if_current(ck, value, epoch)
         return value

@@ -100,9 +100,10 @@ class KeyService:
         found, meta = self._cache.get((tenant, key))
         if found:
             return meta
+        epoch = self._cache.epoch
         async with self._db.read() as session:
             meta = await self._load(session, tenant, key)
-        self._cache.put((tenant, key), meta)
+        self._cache.put_if_current((tenant, key), meta, epoch)
         return meta
 
     async def get(self, tenant: str, key: str) -> KeyMeta:
