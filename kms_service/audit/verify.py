@@ -42,14 +42,18 @@ def _event_doc(row: AuditEvent) -> dict[str, object]:
     )
 
 
-async def verify_chain(db: Database, *, audit_key: bytes) -> VerifyResult:
-    """Walk the whole chain in seq order. The first bad seq is the first one whose row is
-    missing, altered, out of place, or beyond the recorded head."""
+async def _read_head(db: Database) -> tuple[int, bytes]:
     async with db.read() as session:
         head = (
             await session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1))
         ).one_or_none()
-    head_seq, head_hash = (head.seq, head.hash) if head is not None else (0, GENESIS_HASH)
+    return (head.seq, head.hash) if head is not None else (0, GENESIS_HASH)
+
+
+async def verify_chain(db: Database, *, audit_key: bytes) -> VerifyResult:
+    """Walk the whole chain in seq order. The first bad seq is the first one whose row is
+    missing, altered, out of place, or beyond the recorded head."""
+    head_seq, head_hash = await _read_head(db)
 
     expected_seq = 1
     prev = GENESIS_HASH
@@ -72,7 +76,10 @@ async def verify_chain(db: Database, *, audit_key: bytes) -> VerifyResult:
             if row.seq != expected_seq:
                 return fail(expected_seq, "missing event")
             if row.seq > head_seq:
-                return fail(row.seq, "event beyond the recorded head")
+                # The service may have appended since the head was read: re-read it once.
+                head_seq, head_hash = await _read_head(db)
+                if row.seq > head_seq:
+                    return fail(row.seq, "event beyond the recorded head")
             if not hmac.compare_digest(row.prev_hash, prev):
                 return fail(row.seq, "prev_hash does not link to the previous event")
             digest = link_hash(audit_key=audit_key, prev_hash=prev, document=_event_doc(row))

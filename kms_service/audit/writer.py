@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from kms_service.audit.chain import GENESIS_HASH, EventDraft, event_document, link_hash
@@ -54,8 +55,24 @@ async def append_events(
 ) -> list[int]:
     """Append ``drafts`` (and record ``change`` in the change feed) in the current transaction.
 
-    Returns the assigned seqs. The caller commits; until then the head row stays locked.
+    Returns the assigned seqs. The caller commits; until then the head row stays locked. A
+    failure to write raises AuditUnavailable (503): the caller's change must roll back with it.
     """
+    try:
+        return await _append_events(session, drafts, audit_key=audit_key, clock=clock, change=change)
+    except SQLAlchemyError as exc:
+        log.error("audit append failed: %s", type(exc).__name__)
+        raise AuditUnavailable("the audit log cannot be written; nothing was changed") from exc
+
+
+async def _append_events(
+    session: AsyncSession,
+    drafts: Sequence[EventDraft],
+    *,
+    audit_key: bytes,
+    clock: Clock,
+    change: Change | None,
+) -> list[int]:
     head = (
         await session.execute(
             select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1).with_for_update()
