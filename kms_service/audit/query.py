@@ -11,8 +11,9 @@ from kms_service.db.engine import Database
 from kms_service.db.models import AuditEvent
 
 
-def export_document(row: AuditEvent) -> dict[str, Any]:
-    doc = event_document(
+def row_document(row: AuditEvent) -> dict[str, Any]:
+    """The stored event as hashed: every field but its own hash."""
+    return event_document(
         seq=row.seq,
         time=row.time,
         actor_type=row.actor_type,
@@ -27,8 +28,11 @@ def export_document(row: AuditEvent) -> dict[str, Any]:
         details=row.details,
         prev_hash=row.prev_hash,
     )
-    doc["hash"] = row.hash.hex()
-    return doc
+
+
+def export_document(row: AuditEvent) -> dict[str, Any]:
+    """The stored event as exported: with its hash."""
+    return row_document(row) | {"hash": row.hash.hex()}
 
 
 async def list_events(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -46,11 +47,4 @@ async def read_audit(
 @router.get("/verify", response_model=VerifyOut)
 async def verify_audit(principal: AuditReader, services: ServicesDep) -> VerifyOut:
     result = await verify_chain(services.db, audit_key=services.installation.audit_key.reveal())
-    return VerifyOut(
-        valid=result.valid,
-        checked=result.checked,
-        head_seq=result.head_seq,
-        head_hash=result.head_hash,
-        first_invalid_seq=result.first_invalid_seq,
-        reason=result.reason,
-    )
+    return VerifyOut(**asdict(result))

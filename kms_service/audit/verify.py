@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from kms_service.audit.chain import GENESIS_HASH, event_document, link_hash
+from kms_service.audit.chain import GENESIS_HASH, link_hash
+from kms_service.audit.query import row_document
 from kms_service.db.engine import Database
 from kms_service.db.models import AuditEvent, AuditHead
 
@@ -22,24 +23,6 @@ class VerifyResult:
     head_hash: str
     first_invalid_seq: int | None
     reason: str | None = None
-
-
-def _event_doc(row: AuditEvent) -> dict[str, object]:
-    return event_document(
-        seq=row.seq,
-        time=row.time,
-        actor_type=row.actor_type,
-        actor_id=row.actor_id,
-        action=row.action,
-        tenant=row.tenant,
-        key=row.key,
-        version=row.version,
-        outcome=row.outcome,
-        request_id=row.request_id,
-        source=row.source,
-        details=row.details,
-        prev_hash=row.prev_hash,
-    )
 
 
 async def _read_head(db: Database) -> tuple[int, bytes]:
@@ -82,7 +65,7 @@ async def verify_chain(db: Database, *, audit_key: bytes) -> VerifyResult:
                     return fail(row.seq, "event beyond the recorded head")
             if not hmac.compare_digest(row.prev_hash, prev):
                 return fail(row.seq, "prev_hash does not link to the previous event")
-            digest = link_hash(audit_key=audit_key, prev_hash=prev, document=_event_doc(row))
+            digest = link_hash(audit_key=audit_key, prev_hash=prev, document=row_document(row))
             if not hmac.compare_digest(digest, row.hash):
                 return fail(row.seq, "hash does not match the event")
             prev = row.hash

@@ -151,6 +151,13 @@ class KeyService:
             stmt = stmt.with_for_update()
         return (await session.scalars(stmt)).one_or_none()
 
+    async def _locked_key_row(self, session: AsyncSession, tenant: str, key: str) -> Key:
+        """The key row, locked for this transaction (serialises changes of one key)."""
+        row = await self._key_row(session, tenant, key, lock=True)
+        if row is None:
+            raise NotFound(f"key {key!r} of tenant {tenant!r} not found")
+        return row
+
     # -- writes ----------------------------------------------------------------------------
 
     async def _audit(
@@ -254,9 +261,7 @@ class KeyService:
 
     async def rotate(self, ctx: Actx, *, tenant: str, key: str) -> KeyMeta:
         async with self._db.write() as session:
-            row = await self._key_row(session, tenant, key, lock=True)
-            if row is None:
-                raise NotFound(f"key {key!r} of tenant {tenant!r} not found")
+            row = await self._locked_key_row(session, tenant, key)
             latest = await session.scalar(
                 select(func.max(KeyVersion.version)).where(KeyVersion.key_id == row.id)
             )
@@ -297,9 +302,7 @@ class KeyService:
 
     async def update(self, ctx: Actx, *, tenant: str, key: str, changes: dict[str, Any]) -> KeyMeta:
         async with self._db.write() as session:
-            row = await self._key_row(session, tenant, key, lock=True)
-            if row is None:
-                raise NotFound(f"key {key!r} of tenant {tenant!r} not found")
+            row = await self._locked_key_row(session, tenant, key)
             latest = int(
                 await session.scalar(select(func.max(KeyVersion.version)).where(KeyVersion.key_id == row.id))
                 or 0
@@ -343,9 +346,7 @@ class KeyService:
         if action != "schedule-destruction" and waiting_period_days is not None:
             raise InvalidRequest("waiting_period_days applies to schedule-destruction only")
         async with self._db.write() as session:
-            row = await self._key_row(session, tenant, key, lock=True)
-            if row is None:
-                raise NotFound(f"key {key!r} of tenant {tenant!r} not found")
+            row = await self._locked_key_row(session, tenant, key)
             ver = await session.get(KeyVersion, (row.id, version))
             if ver is None:
                 raise NotFound(f"version {version} of key {key!r} not found")
