@@ -11,9 +11,9 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 WrapContext = Mapping[str, str]
 """Binds a wrapped secret to its owner, e.g. ``{"tenant": t, "key": k, "version": "3"}``.
@@ -112,6 +112,8 @@ class ProviderConfig(BaseModel, abc.ABC):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     type: str
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """Connect/read timeout of every backend call: an unreachable backend fails within it."""
     secret_fields: ClassVar[frozenset[str]] = frozenset()
 
     @abc.abstractmethod

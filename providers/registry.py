@@ -1,17 +1,27 @@
-"""Maps a provider `type` to its config model. Backends register here; nothing else changes."""
+"""Maps a provider `type` to its config model. Backends register here; nothing else changes.
+
+Config modules import no SDK at module level (SDKs are imported in `connect()`), so every
+config validates even where its SDK extra is not installed.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
 from providers.base import ProviderConfig
-from providers.local import LocalProviderConfig
 
-_CONFIGS: dict[str, type[ProviderConfig]] = {
-    "local": LocalProviderConfig,
+# type -> "module:ConfigClass"
+_CONFIGS: dict[str, str] = {
+    "local": "providers.local:LocalProviderConfig",
+    "aws-kms": "providers.aws_kms:AwsKmsConfig",
+    "gcp-kms": "providers.gcp_kms:GcpKmsConfig",
+    "azure-keyvault": "providers.azure_keyvault:AzureKeyVaultConfig",
+    "kmip": "providers.kmip:KmipConfig",
+    "pkcs11": "providers.pkcs11:Pkcs11Config",
 }
 
 
@@ -19,8 +29,24 @@ class ProviderConfigError(ValueError):
     """A provider config was rejected; the message says which field and why (never values)."""
 
 
+def _load(kind: str) -> type[ProviderConfig] | None:
+    target = _CONFIGS.get(kind)
+    if target is None:
+        return None
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:  # this build does not ship the backend
+            return None
+        raise
+    model: type[ProviderConfig] = getattr(module, class_name)
+    return model
+
+
 def provider_types() -> list[str]:
-    return sorted(_CONFIGS)
+    """The provider types this build can validate."""
+    return sorted(kind for kind in _CONFIGS if _load(kind) is not None)
 
 
 def parse_provider_config(raw: Mapping[str, Any]) -> ProviderConfig:
@@ -28,10 +54,10 @@ def parse_provider_config(raw: Mapping[str, Any]) -> ProviderConfig:
     kind = raw.get("type")
     if not isinstance(kind, str):
         raise ProviderConfigError("provider.type is required (one of: " + ", ".join(provider_types()) + ")")
-    model = _CONFIGS.get(kind)
+    model = _load(kind)
     if model is None:
         raise ProviderConfigError(
-            f"provider.type {kind!r} is not supported (one of: " + ", ".join(provider_types()) + ")"
+            f"provider.type {kind[:40]!r} is not supported (one of: " + ", ".join(provider_types()) + ")"
         )
     try:
         return model.model_validate(dict(raw))
