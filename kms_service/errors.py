@@ -132,13 +132,17 @@ class ProviderUnavailableError(ServiceUnavailable):
 
 
 class ProviderFailure(ServiceError):
-    """The provider answered but refused (access denied, key disabled, key not found)."""
+    """The provider answered but refused (access denied, key disabled, key not found, a blob it
+    cannot unwrap). The key cannot be used in its provider's current state: 409, with the
+    provider's code, and a detail that says what the key's owner must fix."""
 
-    status, code, title = 502, "provider_error", "Key provider refused the operation"
+    status, code, title = 409, "provider_error", "Key provider refused the operation"
 
-    def __init__(self, detail: str, *, code: str) -> None:
+    def __init__(self, detail: str, *, code: str, status: int | None = None) -> None:
         super().__init__(detail)
         self._code = code
+        if status is not None:
+            self.status = status  # type: ignore[misc]
 
     def problem(self, *, instance: str | None = None) -> dict[str, Any]:
         body = super().problem(instance=instance)

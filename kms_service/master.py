@@ -89,6 +89,7 @@ class Installation:
     cluster_id: str
     audit_key: SecretBytes
     local_wrapping_key: SecretBytes
+    config_secrets_key: SecretBytes
 
     @classmethod
     def derive(cls, *, master: SecretBytes, cluster_salt: bytes) -> Installation:
@@ -100,6 +101,9 @@ class Installation:
             audit_key=SecretBytes(crypto.audit_key(master_secret=m, cluster_salt=cluster_salt)),
             local_wrapping_key=SecretBytes(
                 crypto.purpose_key(master_secret=m, cluster_salt=cluster_salt, purpose="local-wrap")
+            ),
+            config_secrets_key=SecretBytes(
+                crypto.purpose_key(master_secret=m, cluster_salt=cluster_salt, purpose="config-secrets")
             ),
         )
 

@@ -8,18 +8,25 @@ Deleting the salt or the wrapped secret destroys the version (crypto-shredding).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 from typing import Any
+
+from pydantic import SecretBytes as PydanticSecretBytes
+from pydantic import SecretStr
 
 from kms_service import crypto
 from kms_service.errors import ProviderFailure, ProviderUnavailableError, ServiceError
 from kms_service.keys.cache import KekSecretCache
+from kms_service.keys.credentials import CredentialsError, full_config
 from kms_service.keys.model import KeyMeta, VersionMeta
+from kms_service.keys.resilience import CircuitOpen, ResilientProvider
 from kms_service.master import Installation
-from providers import KeyProvider, ProviderConfig, ProviderError, ProviderUnavailable, parse_provider_config
+from providers import KeyProvider, ProviderConfig, ProviderConfigError, ProviderError, ProviderUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +37,37 @@ def wrap_context(tenant: str, key: str, version: int) -> dict[str, str]:
 
 def provider_error(exc: ProviderError) -> ServiceError:
     """Translate a provider's error for the client; its message is safe by contract."""
+    if isinstance(exc, CircuitOpen):
+        return ProviderUnavailableError(str(exc), retry_after=math.ceil(exc.retry_after))
     if isinstance(exc, ProviderUnavailable):
         return ProviderUnavailableError(str(exc) or "the key provider is unreachable", retry_after=5)
     return ProviderFailure(str(exc) or "the key provider refused the operation", code=exc.code)
 
 
+def _reveal(value: Any) -> Any:
+    return value.get_secret_value() if isinstance(value, (SecretStr, PydanticSecretBytes)) else value
+
+
 class ProviderPool:
     """Connected providers, one per distinct config, shared by every key that uses it."""
 
-    def __init__(self, installation: Installation) -> None:
+    def __init__(self, installation: Installation, *, resilience: dict[str, Any] | None = None) -> None:
         self._inst = installation
         self._providers: dict[str, KeyProvider] = {}
+        self._resilience = resilience or {}
 
     async def get(self, config: ProviderConfig) -> KeyProvider:
-        ident = json.dumps(config.model_dump(), sort_keys=True)
+        # Keyed by a digest of the whole config, credentials included (two keys that differ only
+        # in credentials must not share a connection); the digest keeps them out of the dict.
+        dumped = {k: _reveal(v) for k, v in config.model_dump().items()}
+        ident = hashlib.sha256(json.dumps(dumped, sort_keys=True, default=str).encode()).hexdigest()
         provider = self._providers.get(ident)
         if provider is None:
-            provider = await config.connect(local_wrapping_key=self._inst.local_wrapping_key.reveal())
+            try:
+                inner = await config.connect(local_wrapping_key=self._inst.local_wrapping_key.reveal())
+            except ProviderError as exc:
+                raise provider_error(exc) from None
+            provider = ResilientProvider(inner, **self._resilience)
             self._providers[ident] = provider
         return provider
 
@@ -68,13 +89,29 @@ class KeyMaterial:
         self._pool = pool
         self._cache = cache
 
+    def config_of(
+        self, public: dict[str, Any], sealed: bytes | None, *, tenant: str, key: str
+    ) -> ProviderConfig:
+        """The connectable provider config of a key: public part plus its opened credentials."""
+        try:
+            return full_config(
+                public, sealed, sealing_key=self._inst.config_secrets_key.reveal(), tenant=tenant, key=key
+            )
+        except (CredentialsError, ProviderConfigError) as exc:
+            log.error("provider config of %s/%s unusable: %s", tenant, key, exc)
+            raise ProviderFailure(
+                f"the provider configuration of key {key!r} cannot be used",
+                code="provider_config_error",
+                status=500,
+            ) from None
+
     async def new_version(
-        self, provider_config: dict[str, Any], *, tenant: str, key: str, version: int
+        self, config: ProviderConfig, *, tenant: str, key: str, version: int
     ) -> tuple[bytes | None, bytes | None]:
         """Material for a new version: ``(version_salt, None)`` or ``(None, wrapped_secret)``."""
-        if provider_config["type"] == "local":
+        if config.type == "local":
             return secrets.token_bytes(crypto.kdf.SALT_LEN), None
-        provider = await self._pool.get(parse_provider_config(provider_config))
+        provider = await self._pool.get(config)
         secret = secrets.token_bytes(crypto.kdf.SECRET_LEN)
         context = wrap_context(tenant, key, version)
         try:
@@ -85,7 +122,7 @@ class KeyMaterial:
         if not hmac.compare_digest(check, secret):
             log.error("provider %s returned a different secret on unwrap; version not stored", provider.type)
             raise ProviderFailure(
-                "the key provider failed the wrap/unwrap check", code="provider_integrity_error"
+                "the key provider failed the wrap/unwrap check", code="provider_integrity_error", status=502
             )
         return None, wrapped
 
@@ -105,7 +142,10 @@ class KeyMaterial:
                 version=version.version,
             )
         elif version.wrapped_secret is not None:
-            provider = await self._pool.get(parse_provider_config(meta.provider_config))
+            config = self.config_of(
+                meta.provider_config, meta.provider_secrets, tenant=meta.tenant, key=meta.name
+            )
+            provider = await self._pool.get(config)
             try:
                 value = await provider.unwrap(
                     version.wrapped_secret, context=wrap_context(meta.tenant, meta.name, version.version)

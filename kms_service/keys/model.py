@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -39,6 +39,7 @@ class KeyMeta:
     name: str
     provider_type: str
     provider_config: dict[str, Any]
+    provider_secrets: bytes | None = field(repr=False)
     state: KeyState
     min_decryption_version: int
     rotation_period_days: int | None

@@ -25,6 +25,7 @@ from kms_service.errors import (
     UnsupportedProvider,
 )
 from kms_service.keys.cache import KeyMetaCache
+from kms_service.keys.credentials import seal_credentials, split_config
 from kms_service.keys.material import KeyMaterial
 from kms_service.keys.model import KeyMeta, KeyState, VersionMeta, VersionState
 from kms_service.master import Installation
@@ -58,6 +59,7 @@ def to_meta(key: Key, versions: list[KeyVersion]) -> KeyMeta:
         name=key.name,
         provider_type=key.provider_type,
         provider_config=dict(key.provider_config),
+        provider_secrets=key.provider_secrets,
         state=KeyState(key.state),
         min_decryption_version=key.min_decryption_version,
         rotation_period_days=key.rotation_period_days,
@@ -203,10 +205,11 @@ class KeyService:
             config = parse_provider_config(provider)
         except ProviderConfigError as exc:
             raise UnsupportedProvider(str(exc)) from None
-        stored_config = config.model_dump(exclude=set(config.secret_fields))
-        if config.secret_fields:  # issue: write-only credentials arrive with the providers
-            raise UnsupportedProvider(f"provider {config.type!r} credentials are not supported yet")
-        salt, wrapped = await self._material.new_version(stored_config, tenant=tenant, key=name, version=1)
+        stored_config, secret = split_config(config)
+        sealed = seal_credentials(
+            secret, sealing_key=self._inst.config_secrets_key.reveal(), tenant=tenant, key=name
+        )
+        salt, wrapped = await self._material.new_version(config, tenant=tenant, key=name, version=1)
         now = self._clock()
         try:
             async with self._db.write() as session:
@@ -219,7 +222,7 @@ class KeyService:
                     name=name,
                     provider_type=config.type,
                     provider_config=stored_config,
-                    provider_secrets=None,
+                    provider_secrets=sealed,
                     state=KeyState.ENABLED.value,
                     min_decryption_version=1,
                     rotation_period_days=rotation_period_days,
@@ -266,9 +269,10 @@ class KeyService:
                 select(func.max(KeyVersion.version)).where(KeyVersion.key_id == row.id)
             )
             version = int(latest or 0) + 1
-            salt, wrapped = await self._material.new_version(
-                row.provider_config, tenant=tenant, key=key, version=version
+            config = self._material.config_of(
+                row.provider_config, row.provider_secrets, tenant=tenant, key=key
             )
+            salt, wrapped = await self._material.new_version(config, tenant=tenant, key=key, version=version)
             now = self._clock()
             session.add(
                 KeyVersion(
