@@ -49,7 +49,8 @@ from kms_service.keys.cache import KekSecretCache, KeyMetaCache
 from kms_service.keys.material import KeyMaterial, ProviderPool
 from kms_service.keys.router import router as keys_router
 from kms_service.keys.service import KeyService
-from kms_service.master import Installation, MasterSecretError, load_master_secret
+from kms_service.master import Installation, MasterSecretError
+from kms_service.seal import load_master
 from kms_service.settings import Settings, load_settings
 from kms_service.sys.router import router as sys_router
 from kms_service.tenants.router import router as tenants_router
@@ -95,13 +96,13 @@ async def load_installation(db: Database, settings: Settings) -> Installation:
     if cluster is None:
         raise StartupError("this database has no installation yet: run `kms init`")
     try:
-        master = load_master_secret(settings.resolved_master_secret_file)
+        master = await load_master(settings)
     except MasterSecretError as exc:
         raise StartupError(str(exc)) from None
     installation = Installation.derive(master=master, cluster_salt=cluster.cluster_salt)
     if installation.cluster_id != cluster.cluster_id:
         raise StartupError(
-            f"the master secret in {settings.resolved_master_secret_file} does not belong to this database "
+            "the master secret does not belong to this database "
             f"(cluster {cluster.cluster_id}): refusing to start"
         )
     return installation
@@ -120,7 +121,15 @@ async def build_services(settings: Settings) -> Services:
     batcher = AuditBatcher(
         db, audit_key=installation.audit_key.reveal(), max_events=settings.audit_batch_max_events
     )
-    pool = ProviderPool(installation)
+    pool = ProviderPool(
+        installation,
+        resilience={
+            "attempts": settings.provider_retry_attempts,
+            "deadline": settings.provider_deadline_seconds,
+            "failure_threshold": settings.provider_breaker_failures,
+            "reset_after": settings.provider_breaker_reset_seconds,
+        },
+    )
     token_cache = TokenCache(
         max_entries=settings.token_cache_max_entries, max_age=settings.metadata_cache_max_age_seconds
     )

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     change_poll_interval_seconds: Annotated[float, Field(gt=0, le=2)] = 0.5
     token_cache_max_entries: Annotated[int, Field(ge=1)] = 100_000
 
+    # Calls to key providers (after the provider's own connect/read timeout).
+    provider_retry_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    provider_deadline_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    provider_breaker_failures: Annotated[int, Field(ge=1, le=1000)] = 5
+    provider_breaker_reset_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
     # Request limits.
     max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024
     max_batch_items: Annotated[int, Field(ge=1, le=10_000)] = 1000
