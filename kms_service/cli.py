@@ -84,13 +84,30 @@ async def _with_services(settings: Settings, fn: Any) -> Any:
 
 
 @app.command()
-def init(data_dir: DataDir = None) -> None:
+def init(
+    data_dir: DataDir = None,
+    seal: Annotated[
+        Path | None,
+        typer.Option(help="JSON provider config (e.g. pkcs11, aws-kms) that seals the master secret."),
+    ] = None,
+) -> None:
     """Create the master secret, the installation and the first admin token. Idempotent."""
     from kms_service.install import initialise
+    from kms_service.seal import sealed_path
 
     settings = settings_of(data_dir)
-    result = run(initialise(settings))
-    if result.created_master:
+    seal_config: dict[str, Any] | None = None
+    if seal is not None:
+        try:
+            seal_config = json.loads(seal.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise fail(f"cannot read the seal config {seal}: {exc}") from None
+        if not isinstance(seal_config, dict):
+            raise fail(f"the seal config {seal} must be a JSON object")
+    result = run(initialise(settings, seal_config=seal_config))
+    if result.created_master and seal_config is not None:
+        typer.echo(f"created master secret sealed by {seal_config.get('type')!r} in {sealed_path(settings)}")
+    elif result.created_master:
         typer.echo(f"created master secret {settings.resolved_master_secret_file} (mode 0600)")
     if result.admin_token:
         typer.echo(f"cluster {result.cluster_id} initialised")

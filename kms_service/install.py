@@ -6,6 +6,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -18,8 +19,9 @@ from kms_service.auth.tokens import TokenCache, TokenService
 from kms_service.db.engine import Database
 from kms_service.db.migrate import upgrade
 from kms_service.db.models import Cluster
-from kms_service.master import Installation, create_master_secret_file, load_master_secret
+from kms_service.master import Installation
 from kms_service.request import CLI_REQUEST
+from kms_service.seal import ensure_master
 from kms_service.settings import Settings
 
 
@@ -38,10 +40,9 @@ def write_private_file(path: Path, data: str) -> None:
         fh.write(data)
 
 
-async def initialise(settings: Settings) -> InitResult:
+async def initialise(settings: Settings, *, seal_config: dict[str, Any] | None = None) -> InitResult:
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    created_master = create_master_secret_file(settings.resolved_master_secret_file)
-    master = load_master_secret(settings.resolved_master_secret_file)
+    created_master, master = await ensure_master(settings, seal_config)
     await upgrade(settings.resolved_database_url)
     db = Database(settings.resolved_database_url)
     try:
@@ -74,8 +75,8 @@ async def initialise(settings: Settings) -> InitResult:
         installation = Installation.derive(master=master, cluster_salt=cluster.cluster_salt)
         if installation.cluster_id != cluster.cluster_id:
             raise StartupError(
-                f"the master secret in {settings.resolved_master_secret_file} does not belong to the "
-                f"installation in this database (cluster {cluster.cluster_id})"
+                "the master secret does not belong to the installation in this database "
+                f"(cluster {cluster.cluster_id})"
             )
         token: str | None = None
         token_file: Path | None = None
