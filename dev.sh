@@ -26,6 +26,21 @@ setup() {
     fi
 }
 
+# Tools whose pins clash with ours (checkov pins its own boto3) live in a venv of their own.
+setup_tools() {
+    if [ ! -x .venv-tools/bin/python ]; then
+        "$PYTHON" -m venv .venv-tools
+    fi
+    local stamp=.venv-tools/.kms-lock-stamp
+    local want
+    want=$(sha256sum requirements-tools.lock | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        .venv-tools/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes \
+            -r requirements-tools.lock
+        echo "$want" > "$stamp"
+    fi
+}
+
 case "${1:-}" in
     serve)
         setup
@@ -35,6 +50,7 @@ case "${1:-}" in
         ;;
     test)
         setup
+        setup_tools
         .venv/bin/ruff check .
         .venv/bin/ruff format --check .
         .venv/bin/mypy
@@ -45,6 +61,10 @@ case "${1:-}" in
         setup
         .venv/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
             --quiet -o "$LOCK"
+        .venv/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+            --quiet -o requirements.lock
+        .venv/bin/uv pip compile requirements-tools.in --generate-hashes --python-version 3.11 \
+            --quiet -o requirements-tools.lock
         ;;
     *)
         echo "usage: ./dev.sh serve | test [pytest args] | lock" >&2
