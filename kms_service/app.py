@@ -50,6 +50,8 @@ from kms_service.keys.material import KeyMaterial, ProviderPool
 from kms_service.keys.router import router as keys_router
 from kms_service.keys.service import KeyService
 from kms_service.master import Installation, MasterSecretError
+from kms_service.onboarding.router import router as onboarding_router
+from kms_service.onboarding.service import OnboardingService
 from kms_service.seal import load_master
 from kms_service.settings import Settings, load_settings
 from kms_service.sys.router import router as sys_router
@@ -87,6 +89,7 @@ class Services:
     tenants: TenantService
     keys: KeyService
     dataplane: DataPlane
+    onboarding: OnboardingService
     changes: ChangeFeed
 
 
@@ -151,6 +154,7 @@ async def build_services(settings: Settings) -> Services:
         tenants=TenantService(db, installation),
         keys=keys,
         dataplane=DataPlane(keys, material, batcher, tokens),
+        onboarding=OnboardingService(db, installation, settings, keys, material),
         changes=ChangeFeed(
             db,
             interval=settings.change_poll_interval_seconds,
@@ -321,7 +325,15 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         redoc_url=None,
         redirect_slashes=False,
     )
-    for router in (tenants_router, keys_router, dataplane_router, tokens_router, audit_router, sys_router):
+    for router in (
+        tenants_router,
+        keys_router,
+        dataplane_router,
+        onboarding_router,
+        tokens_router,
+        audit_router,
+        sys_router,
+    ):
         app.include_router(router)
 
     @app.exception_handler(ServiceError)

@@ -149,3 +149,15 @@ class ProviderFailure(ServiceError):
         body["code"] = self._code
         body["type"] = PROBLEM_BASE + self._code.replace("_", "-")
         return body
+
+
+class ProviderValidationFailed(ServiceError):
+    """A customer key failed its validation checks; `checks` says which and how to fix it."""
+
+    status, code, title = 409, "provider_validation_failed", "The customer key failed validation"
+
+
+class NotConfigured(ServiceError):
+    """A feature needs a setting the operator has not made."""
+
+    status, code, title = 409, "not_configured", "Not configured on this service"

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     provider_breaker_failures: Annotated[int, Field(ge=1, le=1000)] = 5
     provider_breaker_reset_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
+    # Customer onboarding: the ARN of the IAM role or user this service calls AWS as. Customers
+    # allow it to assume their role (with the tenant's ExternalId).
+    aws_service_principal_arn: str | None = None
+
     # Request limits.
     max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 1024 * 1024
     max_batch_items: Annotated[int, Field(ge=1, le=10_000)] = 1000

@@ -1,0 +1,1 @@
+"""Customer keys: onboarding (ExternalId, policies) and validation of a key's provider."""
