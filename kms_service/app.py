@@ -159,7 +159,6 @@ async def build_services(settings: Settings) -> Services:
             db,
             interval=settings.change_poll_interval_seconds,
             meta=meta_cache,
-            keks=kek_cache,
             tokens=token_cache,
         ),
     )

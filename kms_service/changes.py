@@ -4,7 +4,8 @@ Every configuration change writes a `config_changes` row whose seq is its audit 
 under the audit head lock, so seqs become visible in order. Each process polls for rows past the
 last seq it saw and drops the affected cache entries: a change made on one replica is honoured by
 every other within the poll interval (default 0.5 s), at one small query per interval however
-many keys and tokens are cached.
+many keys and tokens are cached. KEK secrets are not dropped here: whether a version may be used is
+decided by its (fresh) metadata, and a reload forgets the secrets of destroyed versions.
 """
 
 from __future__ import annotations
@@ -18,19 +19,16 @@ from sqlalchemy import func, select
 from kms_service.auth.tokens import TokenCache
 from kms_service.db.engine import Database
 from kms_service.db.models import ConfigChange
-from kms_service.keys.cache import KekSecretCache, KeyMetaCache
+from kms_service.keys.cache import KeyMetaCache
 
 log = logging.getLogger(__name__)
 
 
 class ChangeFeed:
-    def __init__(
-        self, db: Database, *, interval: float, meta: KeyMetaCache, keks: KekSecretCache, tokens: TokenCache
-    ) -> None:
+    def __init__(self, db: Database, *, interval: float, meta: KeyMetaCache, tokens: TokenCache) -> None:
         self._db = db
         self._interval = interval
         self._meta = meta
-        self._keks = keks
         self._tokens = tokens
         self._last = 0
         self._task: asyncio.Task[None] | None = None
@@ -68,7 +66,6 @@ class ChangeFeed:
                 self._tokens.invalidate_token(row.token_id)
             else:
                 self._meta.invalidate(row.tenant, row.key)
-                self._keks.invalidate(row.tenant, row.key)
             self._last = row.seq
         return len(rows)
 

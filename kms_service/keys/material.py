@@ -126,6 +126,12 @@ class KeyMaterial:
             )
         return None, wrapped
 
+    def forget_destroyed(self, meta: KeyMeta) -> None:
+        """Drop cached secrets of versions that no longer have material (crypto-shredding)."""
+        for version in meta.versions.values():
+            if version.version_salt is None and version.wrapped_secret is None:
+                self._cache.pop((meta.tenant, meta.name, version.version))
+
     async def secret(self, meta: KeyMeta, version: VersionMeta) -> bytes:
         """S of ``version`` (cached for the KEK cache TTL)."""
         ck = (meta.tenant, meta.name, version.version)

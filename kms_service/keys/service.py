@@ -112,6 +112,8 @@ class KeyService:
         epoch = self._cache.epoch
         async with self._db.read() as session:
             meta = await self._load(session, tenant, key)
+        if meta is not None:
+            self._material.forget_destroyed(meta)
         self._cache.put_if_current((tenant, key), meta, epoch)
         return meta
 

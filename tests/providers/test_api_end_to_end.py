@@ -3,9 +3,11 @@ API, with the provider called once per cache miss, not once per request (DESIGN 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
+import pytest
 from pydantic import SecretBytes, SecretStr
 
 from providers import ProviderConfig
@@ -74,3 +76,23 @@ async def test_tenant_key_on_each_provider(api: Api, peer: Peer) -> None:
 
     health = (await api.http.get("/v1/sys/health")).json()
     assert any(p["type"] == peer.config.type and p["ok"] for p in health["providers"]), health
+
+
+async def test_revocation_at_the_backend_stops_deks_within_the_cache_ttl(api: Api, peer: Peer) -> None:
+    """Hold-your-own-key: the service never persists an unwrapped secret, so once the cached copy
+    expires (TTL shortened here to 0.5 s) a key revoked at the backend stops DEK issuance."""
+    if peer.disable is None:
+        pytest.skip(f"{peer.name}: {peer.notes or 'the peer does not enforce key state'}")
+    api.services.kek_cache.ttl = 0.5
+    assert (await api.post("/v1/tenants", {"id": "acme", "name": "Acme"})).status_code == 201
+    r = await api.post("/v1/tenants/acme/keys", {"name": "k", "provider": as_request(peer.config)})
+    assert r.status_code == 201, r.text
+    base = "/v1/tenants/acme/keys/k"
+    assert (await api.post(f"{base}/derive", {"id": "vol-1"})).status_code == 200
+    await peer.disable()
+    # Within the TTL the cached secret still serves (bounded staleness, by design).
+    assert (await api.post(f"{base}/derive", {"id": "vol-1"})).status_code == 200
+    await asyncio.sleep(0.6)
+    r = await api.post(f"{base}/derive", {"id": "vol-1"})
+    assert r.status_code == 409, r.text
+    assert r.json()["code"] in {"provider_key_disabled", "provider_access_denied", "provider_key_not_found"}
