@@ -6,6 +6,7 @@ missing installation, or with a master secret that does not match the installati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -14,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,6 +26,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import kms_service
+from kms_service.audit.checkpoints import Checkpointer, DirectorySink, signing_key
 from kms_service.audit.router import router as audit_router
 from kms_service.audit.writer import AuditBatcher
 from kms_service.auth.router import router as tokens_router
@@ -91,6 +94,9 @@ class Services:
     dataplane: DataPlane
     onboarding: OnboardingService
     changes: ChangeFeed
+    checkpoint_sink: DirectorySink
+    checkpoint_key: Ed25519PrivateKey
+    checkpointer: Checkpointer
 
 
 async def load_installation(db: Database, settings: Settings) -> Installation:
@@ -141,7 +147,19 @@ async def build_services(settings: Settings) -> Services:
     material = KeyMaterial(installation, pool, kek_cache)
     tokens = TokenService(db, installation, batcher, token_cache)
     keys = KeyService(db, installation, material, meta_cache)
+    checkpoint_key = signing_key(installation.master, installation.cluster_salt)
+    checkpoint_sink = DirectorySink(settings.resolved_audit_checkpoint_dir)
     return Services(
+        checkpoint_sink=checkpoint_sink,
+        checkpoint_key=checkpoint_key,
+        checkpointer=Checkpointer(
+            db,
+            checkpoint_sink,
+            checkpoint_key,
+            installation.cluster_id,
+            every_events=settings.audit_checkpoint_every_events,
+            interval=settings.audit_checkpoint_interval_seconds,
+        ),
         settings=settings,
         db=db,
         installation=installation,
@@ -298,6 +316,7 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         svc = services or await build_services(settings)
         svc.batcher.start()
         await svc.changes.start()
+        svc.checkpointer.start()
         app.state.services = svc
         log.info(
             "kms-service %s ready (cluster %s, database %s)",
@@ -310,6 +329,9 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         finally:
             await svc.changes.stop()
             await svc.batcher.stop()
+            await svc.checkpointer.stop()
+            with contextlib.suppress(Exception):  # a last checkpoint of what was written
+                await svc.checkpointer.checkpoint_now()
             if services is None:
                 await svc.pool.close()
                 await svc.db.dispose()

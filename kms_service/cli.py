@@ -254,27 +254,24 @@ def token_revoke(token_id: str, data_dir: DataDir = None) -> None:
 
 @audit_app.command("verify")
 def audit_verify(data_dir: DataDir = None) -> None:
-    """Verify the whole chain. Exit 0 if valid, 1 if not."""
-    from kms_service.audit.verify import verify_chain
+    """Verify the whole chain (and against the latest signed checkpoint). Exit 0 if valid, 1 if not."""
+    from dataclasses import asdict
+
+    from kms_service.audit.verify import verify_with_checkpoint
 
     settings = settings_of(data_dir)
 
     async def go(services: Any) -> Any:
-        return await verify_chain(services.db, audit_key=services.installation.audit_key.reveal())
+        return await verify_with_checkpoint(
+            services.db,
+            audit_key=services.installation.audit_key.reveal(),
+            sink=services.checkpoint_sink,
+            public_key=services.checkpoint_key.public_key(),
+            cluster_id=services.installation.cluster_id,
+        )
 
     result = run(_with_services(settings, go))
-    typer.echo(
-        json.dumps(
-            {
-                "valid": result.valid,
-                "checked": result.checked,
-                "head_seq": result.head_seq,
-                "head_hash": result.head_hash,
-                "first_invalid_seq": result.first_invalid_seq,
-                "reason": result.reason,
-            }
-        )
-    )
+    typer.echo(json.dumps(asdict(result)))
     if not result.valid:
         raise typer.Exit(1)
 

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     # Audit group commit.
     audit_batch_max_events: Annotated[int, Field(ge=1, le=10_000)] = 500
 
+    # Signed checkpoints of the audit chain head, outside the database.
+    audit_checkpoint_dir: Path | None = Field(
+        default=None, description="Default <data_dir>/audit-checkpoints"
+    )
+    audit_checkpoint_every_events: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    audit_checkpoint_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
     db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     db_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
 
@@ -114,6 +121,10 @@ class Settings(BaseSettings):
     @property
     def resolved_master_secret_file(self) -> Path:
         return self.master_secret_file or self.data_dir / "master.key"
+
+    @property
+    def resolved_audit_checkpoint_dir(self) -> Path:
+        return self.audit_checkpoint_dir or self.data_dir / "audit-checkpoints"
 
     @property
     def host(self) -> str:

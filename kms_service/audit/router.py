@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from kms_service.audit.query import list_events
-from kms_service.audit.verify import verify_chain
+from kms_service.audit.verify import verify_with_checkpoint
 from kms_service.deps import AuditReader, ServicesDep
 from kms_service.routing import StrictJsonRoute
 from kms_service.validation import NAME_PATTERN
@@ -27,6 +27,7 @@ class VerifyOut(BaseModel):
     head_hash: str
     first_invalid_seq: int | None
     reason: str | None = None
+    checkpoint_seq: int | None = None
 
 
 @router.get("", response_model=AuditPage)
@@ -46,5 +47,11 @@ async def read_audit(
 
 @router.get("/verify", response_model=VerifyOut)
 async def verify_audit(principal: AuditReader, services: ServicesDep) -> VerifyOut:
-    result = await verify_chain(services.db, audit_key=services.installation.audit_key.reveal())
+    result = await verify_with_checkpoint(
+        services.db,
+        audit_key=services.installation.audit_key.reveal(),
+        sink=services.checkpoint_sink,
+        public_key=services.checkpoint_key.public_key(),
+        cluster_id=services.installation.cluster_id,
+    )
     return VerifyOut(**asdict(result))

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 import kms_service
+from kms_service.audit.checkpoints import public_key_b64
 from kms_service.deps import CurrentPrincipal, ServicesDep
 from kms_service.routing import StrictJsonRoute
 
@@ -39,7 +40,11 @@ async def health(services: ServicesDep) -> JSONResponse:
 
 @router.get("/v1/sys/identity")
 async def identity(principal: CurrentPrincipal, services: ServicesDep) -> dict[str, str]:
-    return {"cluster_id": services.installation.cluster_id, "version": kms_service.__version__}
+    return {
+        "cluster_id": services.installation.cluster_id,
+        "version": kms_service.__version__,
+        "audit_checkpoint_public_key": public_key_b64(services.checkpoint_key),
+    }
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -29,7 +29,7 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from kms_service.app import build_services, create_app
-from kms_service.audit.verify import verify_chain
+from kms_service.audit.verify import verify_chain, verify_with_checkpoint
 from kms_service.db.engine import Database
 from kms_service.db.models import AuditEvent, AuditHead
 from kms_service.settings import Settings
@@ -154,10 +154,17 @@ async def all_exported(api: Api, **params: Any) -> list[dict[str, Any]]:
 
 
 async def verify_both(api: Api) -> dict[str, Any]:
-    """Verify through `GET /v1/audit/verify` and through verify_chain; they must agree."""
+    """Verify through `GET /v1/audit/verify` and directly (both against the latest signed
+    checkpoint, if any); they must agree."""
     r = await api.get("/v1/audit/verify")
     assert r.status_code == 200, r.text
-    direct = await verify_chain(api.services.db, audit_key=api.services.installation.audit_key.reveal())
+    direct = await verify_with_checkpoint(
+        api.services.db,
+        audit_key=api.services.installation.audit_key.reveal(),
+        sink=api.services.checkpoint_sink,
+        public_key=api.services.checkpoint_key.public_key(),
+        cluster_id=api.services.installation.cluster_id,
+    )
     assert r.json() == dataclasses.asdict(direct)
     return dict(r.json())
 
@@ -385,6 +392,7 @@ async def test_untouched_chain_verifies(api: Api) -> None:
         "head_hash": rows[-1]["hash"].hex(),
         "first_invalid_seq": None,
         "reason": None,
+        "checkpoint_seq": None,  # no signed checkpoint written yet
     }
     assert [r["seq"] for r in rows] == list(range(1, chain.head_seq + 1))
 
