@@ -146,7 +146,9 @@ async def build_services(settings: Settings) -> Services:
     kek_cache = KekSecretCache(max_entries=settings.kek_cache_max_entries, ttl=settings.kek_cache_ttl_seconds)
     material = KeyMaterial(installation, pool, kek_cache)
     tokens = TokenService(db, installation, batcher, token_cache)
-    keys = KeyService(db, installation, material, meta_cache)
+    keys = KeyService(
+        db, installation, material, meta_cache, pkcs11_allowed_modules=settings.pkcs11_allowed_modules
+    )
     checkpoint_key = signing_key(installation.master, installation.cluster_salt)
     checkpoint_sink = DirectorySink(settings.resolved_audit_checkpoint_dir)
     return Services(

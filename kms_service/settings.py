@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     provider_breaker_failures: Annotated[int, Field(ge=1, le=1000)] = 5
     provider_breaker_reset_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
+    # PKCS#11 modules a key's provider config may load (absolute paths). Loading a module runs its
+    # code in this process, so only modules the operator installed and listed here are accepted.
+    pkcs11_allowed_modules: list[str] = Field(default_factory=list)
+
     # Customer onboarding: the ARN of the IAM role or user this service calls AWS as. Customers
     # allow it to assume their role (with the tenant's ExternalId).
     aws_service_principal_arn: str | None = None

@@ -70,7 +70,12 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 @pytest.fixture
 def settings(db_url: str, tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", database_url=db_url, change_poll_interval_seconds=0.05)
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        change_poll_interval_seconds=0.05,
+        pkcs11_allowed_modules=["/usr/lib/softhsm/libsofthsm2.so"],
+    )
 
 
 @pytest.fixture

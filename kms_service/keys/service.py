@@ -32,7 +32,7 @@ from kms_service.keys.model import KeyMeta, KeyState, VersionMeta, VersionState
 from kms_service.master import Installation
 from kms_service.onboarding.checks import validate_config
 from kms_service.request import Actx
-from providers import ProviderConfigError, parse_provider_config
+from providers import ProviderConfig, ProviderConfigError, parse_provider_config
 
 DEFAULT_DESTRUCTION_DAYS = 30
 MIN_DESTRUCTION_DAYS = 7
@@ -95,7 +95,9 @@ class KeyService:
         cache: KeyMetaCache,
         *,
         clock: Clock = utcnow,
+        pkcs11_allowed_modules: list[str] | None = None,
     ) -> None:
+        self._pkcs11_modules = frozenset(pkcs11_allowed_modules or ())
         self._db = db
         self._inst = installation
         self._material = material
@@ -215,6 +217,7 @@ class KeyService:
             config = parse_provider_config(provider)
         except ProviderConfigError as exc:
             raise UnsupportedProvider(str(exc)) from None
+        self._check_allowed(config)
         if is_customer_key(provider):
             checks = await validate_config(
                 config, local_wrapping_key=self._inst.local_wrapping_key.reveal(), tenant=tenant
@@ -281,6 +284,15 @@ class KeyService:
         self._cache.invalidate(tenant, name)
         assert meta is not None
         return meta
+
+    def _check_allowed(self, config: ProviderConfig) -> None:
+        """Provider settings that reach into this host are limited to what the operator allowed."""
+        module = getattr(config, "module_path", None) if config.type == "pkcs11" else None
+        if module is not None and module not in self._pkcs11_modules:
+            raise UnsupportedProvider(
+                f"PKCS#11 module {module!r} is not allowed on this service "
+                "(operator setting KMS_PKCS11_ALLOWED_MODULES)"
+            )
 
     async def with_external_id(self, tenant: str, provider: dict[str, Any]) -> dict[str, Any]:
         """A customer's AWS key is reached with the ExternalId the service generated for the tenant:

@@ -96,3 +96,20 @@ async def test_revocation_at_the_backend_stops_deks_within_the_cache_ttl(api: Ap
     r = await api.post(f"{base}/derive", {"id": "vol-1"})
     assert r.status_code == 409, r.text
     assert r.json()["code"] in {"provider_key_disabled", "provider_access_denied", "provider_key_not_found"}
+
+
+async def test_pkcs11_modules_are_limited_to_the_operators_allowlist(api: Api) -> None:
+    """Loading a PKCS#11 module runs its code in the service: a key may only name a listed one."""
+    assert (await api.post("/v1/tenants", {"id": "acme", "name": "Acme"})).status_code == 201
+    provider = {
+        "type": "pkcs11",
+        "module_path": "/tmp/evil.so",
+        "token_label": "t",
+        "key_label": "k",
+        "pin": "1234",
+    }
+    r = await api.post("/v1/tenants/acme/keys", {"name": "hsm", "provider": provider})
+    assert r.status_code == 400
+    assert r.json()["code"] == "unsupported_provider"
+    assert "KMS_PKCS11_ALLOWED_MODULES" in r.json()["detail"]
+    assert "1234" not in r.text
