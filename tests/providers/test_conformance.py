@@ -8,6 +8,7 @@ import logging
 import os
 
 import pytest
+from pydantic import SecretBytes, SecretStr
 
 from providers import KeyProvider, ProviderCryptoError, ProviderKeyNotFound, ProviderUnavailable
 from tests.providers.conftest import Peer
@@ -159,4 +160,9 @@ async def test_no_key_material_in_logs_or_errors(peer: Peer, caplog: pytest.LogC
         assert form not in haystack
     for name in peer.config.secret_fields:
         value = getattr(peer.config, name)
-        assert str(value) not in haystack
+        if value is None:
+            continue
+        if isinstance(value, (SecretStr, SecretBytes)):
+            value = value.get_secret_value()
+        shown = value.decode() if isinstance(value, bytes) else str(value)
+        assert shown not in haystack, f"secret field {name} leaked"
