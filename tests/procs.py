@@ -42,10 +42,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(settings: Settings, *args: str) -> Iterator[str]:
+def running_server(settings: Settings, *args: str, extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """`kms serve` on a free port until the block ends; yields its base URL."""
     port = free_port()
-    env = kms_env(settings, KMS_LISTEN=f"127.0.0.1:{port}")
+    env = kms_env(settings, KMS_LISTEN=f"127.0.0.1:{port}", **(extra_env or {}))
     proc = subprocess.Popen(
         [KMS, "serve", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
