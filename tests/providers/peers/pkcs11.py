@@ -12,11 +12,13 @@ python-pkcs11 session opened with the PIN would log every provider out when clos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,16 +173,32 @@ def peer_pkcs11(softhsm: SoftHsm) -> Peer:
     async def disable() -> None:
         await asyncio.to_thread(softhsm.set_usage, label, False)
 
+    @contextlib.asynccontextmanager
+    async def outage() -> AsyncIterator[None]:
+        """SoftHSM runs in this process and cannot be stopped: another thread holds the module
+        exactly as a call stuck inside a network HSM would, until the block ends."""
+        entered, release = threading.Event(), threading.Event()
+
+        def stuck_call() -> None:
+            with token_session(softhsm.config(label)):
+                entered.set()
+                release.wait(60)
+
+        holder = threading.Thread(target=stuck_call, daemon=True)
+        holder.start()
+        try:
+            assert await asyncio.to_thread(entered.wait, 10)
+            yield
+        finally:
+            release.set()
+            await asyncio.to_thread(holder.join, 20)
+
     return Peer(
         name="pkcs11",
-        config=softhsm.config(label),
+        config=softhsm.config(label, timeout_seconds=1),
         unknown_key=softhsm.config(f"missing-{secrets.token_hex(4)}"),
         disable=disable,
         disabled_errors=(ProviderKeyDisabled,),
-        outage=None,
-        notes=(
-            "SoftHSM2 runs inside this process: there is no server or device to stop, and removing "
-            "its token directory makes objects vanish (key not found), not an outage. Timeouts are "
-            "tested in test_pkcs11.py with a call stuck in the module."
-        ),
+        outage=outage,
+        notes="the outage is a call stuck in the module (SoftHSM has no server to stop)",
     )
