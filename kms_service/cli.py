@@ -171,6 +171,18 @@ def serve(
     )
 
 
+@app.command(
+    "k8s-plugin",
+    add_help_option=False,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def k8s_plugin(ctx: typer.Context) -> None:
+    """Kubernetes KMS v2 plugin on a Unix socket (options: kms k8s-plugin --help)."""
+    from kms_agent.cli import main as agent_main
+
+    agent_main(["k8s-plugin", *ctx.args], prog_name="kms")
+
+
 @token_app.command("create")
 def token_create(
     role: Annotated[RoleOpt, typer.Option(help="admin, operator, auditor or agent.")],

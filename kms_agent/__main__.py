@@ -1,0 +1,3 @@
+from kms_agent.cli import main
+
+main()
