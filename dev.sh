@@ -61,7 +61,7 @@ case "${1:-}" in
         setup
         .venv/bin/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
             --quiet -o "$LOCK"
-        .venv/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 \
+        .venv/bin/uv pip compile pyproject.toml --extra providers --generate-hashes --python-version 3.11 \
             --quiet -o requirements.lock
         .venv/bin/uv pip compile requirements-tools.in --generate-hashes --python-version 3.11 \
             --quiet -o requirements-tools.lock

@@ -4,7 +4,8 @@
 type: an HSM via pkcs11, a cloud KMS, KMIP) and writes `<data dir>/master.sealed.json` (0600).
 At start the service unseals it; an unreachable or refusing seal provider stops the start with a
 message naming it. Secret fields of the seal config (a PIN, a client key) may be left out of the
-file and given in `KMS_SEAL_SECRETS` (a JSON object) instead.
+file and given in `KMS_SEAL_SECRETS` (a JSON object), or in the file `KMS_SEAL_SECRETS_FILE` names,
+instead.
 """
 
 from __future__ import annotations
@@ -37,8 +38,19 @@ def sealed_path(settings: Settings) -> Path:
     return settings.data_dir / "master.sealed.json"
 
 
+def _seal_secrets() -> str | None:
+    """Secret fields of the seal config: KMS_SEAL_SECRETS, or the file KMS_SEAL_SECRETS_FILE names."""
+    path = os.environ.get("KMS_SEAL_SECRETS_FILE")
+    if path:
+        try:
+            return Path(path).read_text()
+        except OSError as exc:
+            raise MasterSecretError(f"cannot read KMS_SEAL_SECRETS_FILE {path}: {exc.strerror}") from None
+    return os.environ.get("KMS_SEAL_SECRETS")
+
+
 def parse_seal_config(raw: dict[str, Any]) -> ProviderConfig:
-    extra = os.environ.get("KMS_SEAL_SECRETS")
+    extra = _seal_secrets()
     if extra:
         try:
             more = json.loads(extra)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,17 @@ async def test_refusing_seal_provider_is_a_clear_init_error(settings: Settings) 
 async def test_local_provider_cannot_seal(settings: Settings) -> None:
     with pytest.raises(Exception, match="cannot seal"):
         await initialise(settings, seal_config={"type": "local"})
+
+
+async def test_seal_secrets_from_a_file(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secrets_file = tmp_path / "seal-secrets.json"
+    secrets_file.write_text(json.dumps({"api_token": EXPECTED_TOKEN}))
+    monkeypatch.setenv("KMS_SEAL_SECRETS_FILE", str(secrets_file))
+    await initialise(settings, seal_config={k: v for k, v in SEAL.items() if k != "api_token"})
+    services = await build_services(settings)
+    await services.db.dispose()
+    monkeypatch.setenv("KMS_SEAL_SECRETS_FILE", str(tmp_path / "missing.json"))
+    with pytest.raises(StartupError, match="KMS_SEAL_SECRETS_FILE"):
+        await build_services(settings)
