@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import hmac
 import ipaddress
 import logging
@@ -71,6 +70,7 @@ from providers.base import (
     ProviderKeyNotFound,
     ProviderUnavailable,
     WrapContext,
+    context_mac,
 )
 
 if TYPE_CHECKING:
@@ -109,17 +109,6 @@ def _unb64url(text: object) -> bytes:
         raise ValueError("not a base64url string") from None
 
 
-def _enc(*parts: str) -> bytes:
-    """DESIGN §2 enc(): each part UTF-8, preceded by its 2-byte big-endian length. Injective."""
-    out = bytearray()
-    for part in parts:
-        data = part.encode("utf-8")
-        if len(data) > 0xFFFF:
-            raise ProviderCryptoError("a wrap context entry is longer than 65535 bytes")
-        out += len(data).to_bytes(2, "big") + data
-    return bytes(out)
-
-
 def _context_tag(secret: bytes, context: WrapContext) -> bytes:
     """HMAC-SHA256 keyed with S over an injective encoding of the context.
 
@@ -130,8 +119,7 @@ def _context_tag(secret: bytes, context: WrapContext) -> bytes:
     Tampering with the ciphertext itself is caught by the vault (RSA-OAEP decoding, or the A256KW
     integrity check) and, failing that, by the tag.
     """
-    pairs = [item for name in sorted(context) for item in (name, context[name])]
-    return hmac.new(secret, _enc(*_CONTEXT_LABEL, *pairs), hashlib.sha256).digest()
+    return context_mac(secret, context, *_CONTEXT_LABEL)
 
 
 def _encode_blob(algorithm: str, version: str, wrapped: bytes) -> bytes:

@@ -9,6 +9,8 @@ and never logs, formats or returns key material in an error.
 from __future__ import annotations
 
 import abc
+import hashlib
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
@@ -18,6 +20,29 @@ from pydantic import BaseModel, ConfigDict, Field
 WrapContext = Mapping[str, str]
 """Binds a wrapped secret to its owner, e.g. ``{"tenant": t, "key": k, "version": "3"}``.
 Backends pass it as encryption context / AAD; unwrapping with another context must fail."""
+
+
+def encode_context(context: WrapContext, *label: str) -> bytes:
+    """``enc(*label, k1, v1, k2, v2, ...)`` with the context's keys sorted (DESIGN §2 ``enc``: each
+    part UTF-8 preceded by its 2-byte big-endian length). Injective and order-independent: the AAD
+    of backends that take one."""
+    out = bytearray()
+    for part in (*label, *(p for name in sorted(context) for p in (name, context[name]))):
+        data = part.encode("utf-8")
+        if len(data) > 0xFFFF:
+            raise ProviderCryptoError("a wrap context entry is longer than 65535 bytes")
+        out += len(data).to_bytes(2, "big") + data
+    return bytes(out)
+
+
+def context_mac(secret: bytes, context: WrapContext, *label: str) -> bytes:
+    """HMAC-SHA256 keyed with S over ``encode_context(context, *label)``.
+
+    For backends that wrap without associated data (RFC 5649, KMIP CBC, Key Vault wrapKey), the
+    context is bound inside the wrapped payload as ``S || context_mac(S, context)``; unwrap
+    recomputes it from the recovered S and compares in constant time. Only someone who knows S can
+    make a valid tag, so a blob presented with another context, or moved to another row, fails."""
+    return hmac.new(secret, encode_context(context, *label), hashlib.sha256).digest()
 
 
 class ProviderError(Exception):

@@ -78,6 +78,7 @@ from providers.base import (
     ProviderKeyNotFound,
     ProviderUnavailable,
     WrapContext,
+    encode_context,
 )
 
 _KEY_NAME = re.compile(
@@ -119,21 +120,9 @@ def _silence_payload_logging() -> None:
             sdk_logger.addFilter(_DropPayloads())  # holds even if someone sets DEBUG later
 
 
-def _enc(*parts: str) -> bytes:
-    """DESIGN §2 ``enc``: each part UTF-8, preceded by its 2-byte big-endian length."""
-    out = bytearray()
-    for part in parts:
-        data = part.encode("utf-8")
-        if len(data) > 0xFFFF:
-            raise ProviderError("encryption context entry is too long")
-        out += len(data).to_bytes(2, "big") + data
-    return bytes(out)
-
-
 def context_aad(context: WrapContext) -> bytes:
     """The AAD binding a wrapped secret to ``context``: injective, order-independent."""
-    flat = [part for name in sorted(context) for part in (name, context[name])]
-    aad = _enc("kms/v1", "gcp-kms-wrap", *flat)
+    aad = encode_context(context, "kms/v1", "gcp-kms-wrap")
     if len(aad) > _MAX_PAYLOAD:
         raise ProviderError("encryption context is too large for Cloud KMS (64 KiB)")
     return aad

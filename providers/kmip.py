@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import importlib
 import logging
@@ -79,6 +78,7 @@ from providers.base import (
     ProviderKeyNotFound,
     ProviderUnavailable,
     WrapContext,
+    context_mac,
 )
 
 _log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ _BLOCK = 16
 _TAG_LEN = 32
 _MIN_SECRET, _MAX_SECRET = 16, 1024
 _MIN_CIPHERTEXT = ((_MIN_SECRET + _TAG_LEN) // _BLOCK + 1) * _BLOCK
-_MAC_LABEL = b"kms-service/kmip-wrap/v1\x00"
+_MAC_LABEL = ("kms/v1", "kmip-wrap")
 
 _MAX_CONNECTIONS = 8
 """TLS connections (and worker threads) per provider: concurrent calls queue for one."""
@@ -103,19 +103,8 @@ _MALFORMED = "wrapped secret is malformed"
 _UNWRAP_FAILED = "wrapped secret could not be unwrapped (wrong key or context, or altered)"
 
 
-def _context_bytes(context: WrapContext) -> bytes:
-    """Injective encoding of a context: label, count, then sorted length-prefixed names/values."""
-    out = bytearray(_MAC_LABEL)
-    out += len(context).to_bytes(4, "big")
-    for name in sorted(context):
-        for part in (name, context[name]):
-            data = part.encode("utf-8")
-            out += len(data).to_bytes(4, "big") + data
-    return bytes(out)
-
-
 def _tag(secret: bytes, context: WrapContext) -> bytes:
-    return hmac.new(secret, _context_bytes(context), hashlib.sha256).digest()
+    return context_mac(secret, context, *_MAC_LABEL)
 
 
 # Why the blob needs our own integrity check, and why this one holds.

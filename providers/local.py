@@ -25,19 +25,11 @@ from providers.base import (
     ProviderHealth,
     ProviderInfo,
     WrapContext,
+    encode_context,
 )
 
 _FORMAT = b"\x01"
 _NONCE_LEN = 12
-
-
-def _aad(context: WrapContext) -> bytes:
-    out = bytearray()
-    for name in sorted(context):
-        for part in (name, context[name]):
-            data = part.encode("utf-8")
-            out += len(data).to_bytes(2, "big") + data
-    return bytes(out)
 
 
 class LocalProvider(KeyProvider):
@@ -53,13 +45,15 @@ class LocalProvider(KeyProvider):
 
     async def wrap(self, secret: bytes, *, context: WrapContext) -> bytes:
         nonce = os.urandom(_NONCE_LEN)
-        return _FORMAT + nonce + self._aead.encrypt(nonce, secret, _aad(context))
+        return _FORMAT + nonce + self._aead.encrypt(nonce, secret, encode_context(context))
 
     async def unwrap(self, blob: bytes, *, context: WrapContext) -> bytes:
         if len(blob) < 1 + _NONCE_LEN + 16 or blob[:1] != _FORMAT:
             raise ProviderCryptoError("wrapped secret is malformed")
         try:
-            return self._aead.decrypt(blob[1 : 1 + _NONCE_LEN], blob[1 + _NONCE_LEN :], _aad(context))
+            return self._aead.decrypt(
+                blob[1 : 1 + _NONCE_LEN], blob[1 + _NONCE_LEN :], encode_context(context)
+            )
         except InvalidTag:
             raise ProviderCryptoError("wrapped secret could not be unwrapped") from None
 

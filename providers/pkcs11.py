@@ -112,6 +112,8 @@ from providers.base import (
     ProviderKeyNotFound,
     ProviderUnavailable,
     WrapContext,
+    context_mac,
+    encode_context,
 )
 
 log = logging.getLogger(__name__)
@@ -216,27 +218,11 @@ def _not_initialised(exc: BaseException) -> bool:
 # --- context binding -----------------------------------------------------------------------------
 
 
-def _encode_parts(*parts: str) -> bytes:
-    out = bytearray()
-    for part in parts:
-        data = part.encode("utf-8")
-        if len(data) > 0xFFFF:
-            raise ProviderError("an encryption context entry is longer than 65535 bytes")
-        out += len(data).to_bytes(2, "big") + data
-    return bytes(out)
-
-
-def encode_context(context: WrapContext) -> bytes:
-    """The context as bytes, injectively: keys sorted, each key then its value as a 2-byte
-    big-endian length and UTF-8 (DESIGN §2 ``enc``). The AAD of ``aes-gcm`` blobs."""
-    return _encode_parts(*(part for name in sorted(context) for part in (name, context[name])))
-
-
-_KWP_MAC_LABEL = _encode_parts("kms/pkcs11/v1", "aes-key-wrap-pad context")
+_KWP_MAC_LABEL = ("kms/pkcs11/v1", "aes-key-wrap-pad context")
 
 
 def _context_mac(secret: bytes, context: WrapContext) -> bytes:
-    return hmac.new(secret, _KWP_MAC_LABEL + encode_context(context), hashlib.sha256).digest()
+    return context_mac(secret, context, *_KWP_MAC_LABEL)
 
 
 # RFC 5649 (AES key wrap with padding) authenticates what it wraps but takes no associated data,
