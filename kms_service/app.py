@@ -52,9 +52,11 @@ from kms_service.keys.cache import KekSecretCache, KeyMetaCache
 from kms_service.keys.material import KeyMaterial, ProviderPool
 from kms_service.keys.router import router as keys_router
 from kms_service.keys.service import KeyService
+from kms_service.keys.usage import UsageRecorder
 from kms_service.master import Installation, MasterSecretError
 from kms_service.onboarding.router import router as onboarding_router
 from kms_service.onboarding.service import OnboardingService
+from kms_service.scheduler import Scheduler
 from kms_service.seal import load_master
 from kms_service.settings import Settings, load_settings
 from kms_service.sys.router import router as sys_router
@@ -97,6 +99,8 @@ class Services:
     checkpoint_sink: DirectorySink
     checkpoint_key: Ed25519PrivateKey
     checkpointer: Checkpointer
+    usage: UsageRecorder
+    scheduler: Scheduler
 
 
 async def load_installation(db: Database, settings: Settings) -> Installation:
@@ -149,6 +153,9 @@ async def build_services(settings: Settings) -> Services:
     keys = KeyService(
         db, installation, material, meta_cache, pkcs11_allowed_modules=settings.pkcs11_allowed_modules
     )
+    usage = UsageRecorder(
+        db, interval=settings.usage_flush_interval_seconds, max_items=settings.usage_flush_max_items
+    )
     checkpoint_key = signing_key(installation.master, installation.cluster_salt)
     checkpoint_sink = DirectorySink(settings.resolved_audit_checkpoint_dir)
     return Services(
@@ -173,7 +180,9 @@ async def build_services(settings: Settings) -> Services:
         tokens=tokens,
         tenants=TenantService(db, installation),
         keys=keys,
-        dataplane=DataPlane(keys, material, batcher, tokens),
+        dataplane=DataPlane(keys, material, batcher, tokens, usage=usage),
+        usage=usage,
+        scheduler=Scheduler(keys, interval=settings.scheduler_interval_seconds),
         onboarding=OnboardingService(db, installation, settings, keys, material),
         changes=ChangeFeed(
             db,
@@ -319,6 +328,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         svc.batcher.start()
         await svc.changes.start()
         svc.checkpointer.start()
+        svc.usage.start()
+        svc.scheduler.start()
         app.state.services = svc
         log.info(
             "kms-service %s ready (cluster %s, database %s)",
@@ -329,6 +340,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
         try:
             yield
         finally:
+            await svc.scheduler.stop()
+            await svc.usage.stop()
             await svc.changes.stop()
             await svc.batcher.stop()
             await svc.checkpointer.stop()

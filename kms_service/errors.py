@@ -103,6 +103,16 @@ class InvalidStateTransition(ServiceError):
     status, code, title = 409, "invalid_state_transition", "Invalid key version state transition"
 
 
+class KeyDisabled(ServiceError):
+    status, code, title = 409, "key_disabled", "Key is disabled"
+
+
+class WouldCutOffIds(ServiceError):
+    """Raising min_decryption_version would strand DEK ids still last derived under older versions."""
+
+    status, code, title = 409, "would_cut_off_ids", "DEK ids are still on versions below the new minimum"
+
+
 class PayloadTooLarge(ServiceError):
     status, code, title = 413, "payload_too_large", "Request body too large"
 

@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     audit_checkpoint_every_events: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     audit_checkpoint_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
 
+    # Background jobs: automatic rotation and due destructions (every replica; rows are claimed
+    # with SKIP LOCKED), and the re-key tracker's batched upserts of DEK usage.
+    scheduler_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    usage_flush_interval_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    usage_flush_max_items: Annotated[int, Field(ge=1, le=100_000)] = 1000
+
     db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     db_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
 

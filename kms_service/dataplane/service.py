@@ -21,6 +21,7 @@ from kms_service.auth.principal import Operation, Principal
 from kms_service.auth.tokens import TokenService
 from kms_service.errors import (
     DecryptionFailedError,
+    KeyDisabled,
     KeyVersionBelowMinimum,
     KeyVersionDisabled,
     NoPrimaryVersion,
@@ -30,6 +31,7 @@ from kms_service.errors import (
 from kms_service.keys.material import KeyMaterial
 from kms_service.keys.model import KeyMeta, KeyState, VersionMeta, VersionState
 from kms_service.keys.service import KeyService
+from kms_service.keys.usage import UsageRecorder
 from kms_service.request import RequestMeta
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,9 @@ class DataPlane:
         tokens: TokenService,
         *,
         randbytes: Callable[[int], bytes] = os.urandom,
+        usage: UsageRecorder | None = None,
     ) -> None:
+        self._usage = usage
         self._keys = keys
         self._material = material
         self._batcher = batcher
@@ -119,7 +123,11 @@ class DataPlane:
             if opaque:
                 raise DecryptionFailedError()
             raise NotFound(f"version {version} of key {meta.name!r} not found")
-        if meta.state is not KeyState.ENABLED or ver.state is not VersionState.ENABLED:
+        if meta.state is not KeyState.ENABLED:
+            raise KeyDisabled(f"key {meta.name!r} is disabled")
+        # A destroyed version answers like a disabled one (409 key_version_disabled, its state in
+        # the detail): the client learns it is gone for good, not that its ciphertext is bad.
+        if ver.state is not VersionState.ENABLED:
             raise KeyVersionDisabled(f"version {version} of key {meta.name!r} is {ver.state.value}")
         if version < meta.min_decryption_version:
             raise KeyVersionBelowMinimum(
@@ -128,8 +136,10 @@ class DataPlane:
         return ver
 
     def _primary(self, meta: KeyMeta) -> VersionMeta:
+        if meta.state is not KeyState.ENABLED:
+            raise KeyDisabled(f"key {meta.name!r} is disabled")
         primary = meta.primary_version
-        if primary is None or meta.state is not KeyState.ENABLED:
+        if primary is None:
             raise NoPrimaryVersion(f"key {meta.name!r} has no enabled version")
         return meta.versions[primary]
 
@@ -258,7 +268,15 @@ class DataPlane:
         await self._audit(
             principal, meta_, op, tenant, key, result["version"], "success", _item_details(item)
         )
+        if isinstance(item, DeriveItem):
+            self._note_usage(meta, [(item, result)])
         return result
+
+    def _note_usage(self, meta: KeyMeta, done: list[tuple[DeriveItem, Result]]) -> None:
+        """Re-key tracking: buffered in memory, upserted in batches (kms_service.keys.usage)."""
+        if self._usage is not None:
+            for item, result in done:
+                self._usage.record(meta.tenant, meta.name, item.purpose, item.id, result["version"])
 
     async def run_batch(
         self,
@@ -274,6 +292,7 @@ class DataPlane:
         results: list[Result] = []
         failed = 0
         versions: set[int] = set()
+        derived: list[tuple[DeriveItem, Result]] = []
         for item in items:
             try:
                 if isinstance(item, ServiceError):
@@ -281,6 +300,8 @@ class DataPlane:
                 result = await self._HANDLERS[op](self, meta, item)
                 versions.add(result["version"])
                 results.append(result)
+                if isinstance(item, DeriveItem):
+                    derived.append((item, result))
             except ServiceError as exc:
                 failed += 1
                 problem = exc.problem()
@@ -292,6 +313,7 @@ class DataPlane:
         await self._audit(
             principal, meta_, op, tenant, key, version, "success" if not failed else "partial", details
         )
+        self._note_usage(meta, derived)
         return results
 
 

@@ -184,3 +184,17 @@ class ConfigChange(Base):
     key: Mapped[str | None] = mapped_column(String(63))
     token_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime]
+
+
+class DekUsage(Base):
+    """Re-key tracking (DESIGN §4): per DEK id of a key, the newest version it was derived under
+    and when it was last derived. Upserted in batches from the data plane's in-memory buffer."""
+
+    __tablename__ = "dek_usage"
+    __table_args__ = (Index("ix_dek_usage_key_id_version", "key_id", "version"),)
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("keys.id"), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32), primary_key=True)
+    dek_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    last_derived_at: Mapped[datetime]

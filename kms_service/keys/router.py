@@ -3,13 +3,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Query
 from pydantic import BaseModel, Field
 
 from kms_service.deps import KeyManager, MetaDep, Reader, ServicesDep, actx
 from kms_service.errors import InvalidRequest
 from kms_service.keys.model import KeyMeta
-from kms_service.keys.service import MAX_DESTRUCTION_DAYS, MIN_DESTRUCTION_DAYS
+from kms_service.keys.service import MAX_DESTRUCTION_DAYS, MIN_DESTRUCTION_DAYS, KeyService
+from kms_service.request import Actx
 from kms_service.routing import StrictJsonRoute
 from kms_service.validation import KeyName, Reason, StrictModel, TenantId, Version
 
@@ -29,6 +30,11 @@ class KeyCreate(StrictModel):
 class KeyPatch(StrictModel):
     min_decryption_version: Version | None = None
     rotation_period_days: RotationDays | None = None
+    force: bool = Field(
+        default=False,
+        description="Raise min_decryption_version even if DEK ids were last derived under a version "
+        "below it (otherwise 409 would_cut_off_ids)",
+    )
 
 
 class ReasonIn(StrictModel):
@@ -86,6 +92,29 @@ class KeyList(BaseModel):
     keys: list[KeyOut]
 
 
+class VersionUsage(BaseModel):
+    version: int
+    ids: int
+
+
+class OldId(BaseModel):
+    purpose: str
+    id: str
+    version: int
+    last_derived_at: datetime
+
+
+class UsageOut(BaseModel):
+    """Re-key progress. Counts come from batched flushes: they trail derives by about
+    KMS_USAGE_FLUSH_INTERVAL_SECONDS."""
+
+    primary_version: int | None
+    versions: list[VersionUsage]
+    old_ids: list[OldId] = Field(description="ids not on the primary version yet, oldest first (capped)")
+    old_total: int
+    total: int
+
+
 @router.post("", status_code=201, response_model=KeyOut, response_model_exclude_none=False)
 async def create_key(
     tenant: TenantId, body: KeyCreate, principal: KeyManager, services: ServicesDep, meta: MetaDep
@@ -120,11 +149,59 @@ async def update_key(
     services: ServicesDep,
     meta: MetaDep,
 ) -> KeyOut:
-    changes = {name: getattr(body, name) for name in body.model_fields_set}
+    changes = {name: getattr(body, name) for name in body.model_fields_set - {"force"}}
     if "min_decryption_version" in changes and changes["min_decryption_version"] is None:
         raise InvalidRequest("min_decryption_version cannot be null")
+    if "min_decryption_version" in changes:
+        await services.usage.flush()  # count this replica's buffered derives too
     return KeyOut.of(
-        await services.keys.update(actx(principal, meta), tenant=tenant, key=key, changes=changes)
+        await services.keys.update(
+            actx(principal, meta), tenant=tenant, key=key, changes=changes, force=body.force
+        )
+    )
+
+
+@router.get("/{key}/usage", response_model=UsageOut)
+async def key_usage(
+    tenant: TenantId,
+    key: KeyName,
+    principal: Reader,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> UsageOut:
+    return UsageOut.model_validate(await services.keys.usage(tenant, key, limit=limit))
+
+
+async def _set_key_state(keys: KeyService, ctx: Actx, tenant: str, key: str, *, enabled: bool) -> KeyOut:
+    return KeyOut.of(await keys.set_key_state(ctx, tenant=tenant, key=key, enabled=enabled))
+
+
+@router.post("/{key}/disable", response_model=KeyOut)
+async def disable_key(
+    tenant: TenantId,
+    key: KeyName,
+    principal: KeyManager,
+    services: ServicesDep,
+    meta: MetaDep,
+    body: Annotated[ReasonIn | None, Body()] = None,
+) -> KeyOut:
+    """Disable the whole key: it derives, encrypts and decrypts nothing until enabled again."""
+    return await _set_key_state(
+        services.keys, actx(principal, meta, body.reason if body else None), tenant, key, enabled=False
+    )
+
+
+@router.post("/{key}/enable", response_model=KeyOut)
+async def enable_key(
+    tenant: TenantId,
+    key: KeyName,
+    principal: KeyManager,
+    services: ServicesDep,
+    meta: MetaDep,
+    body: Annotated[ReasonIn | None, Body()] = None,
+) -> KeyOut:
+    return await _set_key_state(
+        services.keys, actx(principal, meta, body.reason if body else None), tenant, key, enabled=True
     )
 
 

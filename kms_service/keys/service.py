@@ -6,24 +6,30 @@ change-feed entry so every replica drops its cached copy.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
-from kms_service.audit.chain import EventDraft
+from kms_service.audit.chain import Actor, EventDraft
 from kms_service.audit.writer import Change, Clock, append_events, utcnow
 from kms_service.db.engine import Database
-from kms_service.db.models import Key, KeyVersion, Tenant
+from kms_service.db.models import DekUsage, Key, KeyVersion, Tenant
 from kms_service.errors import (
     AlreadyExists,
+    AuditUnavailable,
+    DatabaseUnavailable,
     InvalidRequest,
     InvalidStateTransition,
     NotFound,
     ProviderValidationFailed,
+    ServiceError,
     UnsupportedProvider,
+    WouldCutOffIds,
 )
 from kms_service.keys.cache import KeyMetaCache
 from kms_service.keys.credentials import seal_credentials, split_config
@@ -31,8 +37,16 @@ from kms_service.keys.material import KeyMaterial
 from kms_service.keys.model import KeyMeta, KeyState, VersionMeta, VersionState
 from kms_service.master import Installation
 from kms_service.onboarding.checks import validate_config
-from kms_service.request import Actx
+from kms_service.request import Actx, RequestMeta
 from providers import ProviderConfig, ProviderConfigError, parse_provider_config
+
+log = logging.getLogger(__name__)
+
+SCHEDULER = Actor(type="system", id="scheduler")
+SCHEDULER_CTX = Actx(actor=SCHEDULER, meta=RequestMeta(request_id=None, source="scheduler"))
+
+Done = list[tuple[str, str, int]]
+"""(tenant, key, version) of each item a scheduled job acted on."""
 
 DEFAULT_DESTRUCTION_DAYS = 30
 MIN_DESTRUCTION_DAYS = 7
@@ -318,46 +332,52 @@ class KeyService:
     async def rotate(self, ctx: Actx, *, tenant: str, key: str) -> KeyMeta:
         async with self._db.write() as session:
             row = await self._locked_key_row(session, tenant, key)
-            latest = await session.scalar(
-                select(func.max(KeyVersion.version)).where(KeyVersion.key_id == row.id)
-            )
-            version = int(latest or 0) + 1
-            config = self._material.config_of(
-                row.provider_config, row.provider_secrets, tenant=tenant, key=key
-            )
-            salt, wrapped = await self._material.new_version(config, tenant=tenant, key=key, version=version)
-            now = self._clock()
-            session.add(
-                KeyVersion(
-                    key_id=row.id,
-                    version=version,
-                    state=VersionState.ENABLED.value,
-                    version_salt=salt,
-                    wrapped_secret=wrapped,
-                    created_at=now,
-                    state_changed_at=now,
-                    destroy_at=None,
-                    destroyed_at=None,
-                )
-            )
-            row.updated_at = now
-            row.next_rotation_at = self._next_rotation(row.rotation_period_days, now)
-            await session.flush()
-            await self._audit(
-                session,
-                ctx,
-                "key.rotated",
-                tenant=tenant,
-                key=key,
-                version=version,
-                details={"previous_version": version - 1},
-            )
+            await self.rotate_locked(session, ctx, row, now=self._clock())
             meta = await self._load(session, tenant, key)
         self._cache.invalidate(tenant, key)
         assert meta is not None
         return meta
 
-    async def update(self, ctx: Actx, *, tenant: str, key: str, changes: dict[str, Any]) -> KeyMeta:
+    async def rotate_locked(
+        self, session: AsyncSession, ctx: Actx, row: Key, *, now: datetime, automatic: bool = False
+    ) -> int:
+        """Add version latest+1 to the key ``row``, which the caller holds locked in ``session``
+        (the one rotation path of the API and the scheduler). Returns the new version."""
+        tenant, key = row.tenant_id, row.name
+        latest = await session.scalar(select(func.max(KeyVersion.version)).where(KeyVersion.key_id == row.id))
+        version = int(latest or 0) + 1
+        config = self._material.config_of(row.provider_config, row.provider_secrets, tenant=tenant, key=key)
+        salt, wrapped = await self._material.new_version(config, tenant=tenant, key=key, version=version)
+        session.add(
+            KeyVersion(
+                key_id=row.id,
+                version=version,
+                state=VersionState.ENABLED.value,
+                version_salt=salt,
+                wrapped_secret=wrapped,
+                created_at=now,
+                state_changed_at=now,
+                destroy_at=None,
+                destroyed_at=None,
+            )
+        )
+        row.updated_at = now
+        row.next_rotation_at = self._next_rotation(row.rotation_period_days, now)
+        await session.flush()
+        await self._audit(
+            session,
+            ctx,
+            "key.rotated",
+            tenant=tenant,
+            key=key,
+            version=version,
+            details={"previous_version": version - 1, **({"automatic": True} if automatic else {})},
+        )
+        return version
+
+    async def update(
+        self, ctx: Actx, *, tenant: str, key: str, changes: dict[str, Any], force: bool = False
+    ) -> KeyMeta:
         async with self._db.write() as session:
             row = await self._locked_key_row(session, tenant, key)
             latest = int(
@@ -372,6 +392,17 @@ class KeyService:
                     raise InvalidRequest(
                         f"min_decryption_version must be at most the latest version ({latest})"
                     )
+                if value > row.min_decryption_version:
+                    cut_off = await self.count_below(session, row.id, value)
+                    if cut_off and not force:
+                        raise WouldCutOffIds(
+                            f"{cut_off} DEK id(s) were last derived under a version below {value}: "
+                            "re-key them first, or repeat with force: true",
+                            extra={"cut_off": cut_off},
+                        )
+                    if cut_off:
+                        audit["cut_off"] = cut_off
+                        audit["forced"] = True
                 audit["min_decryption_version"] = {"from": row.min_decryption_version, "to": value}
                 row.min_decryption_version = value
             if "rotation_period_days" in changes:
@@ -432,3 +463,181 @@ class KeyService:
         self._cache.invalidate(tenant, key)
         assert meta is not None
         return meta
+
+    # -- key-level state -------------------------------------------------------------------
+
+    async def set_key_state(self, ctx: Actx, *, tenant: str, key: str, enabled: bool) -> KeyMeta:
+        """Disable or enable the whole key: a disabled key derives and decrypts nothing, whatever
+        its versions' states (they are kept and come back with ``enable``)."""
+        target = KeyState.ENABLED if enabled else KeyState.DISABLED
+        async with self._db.write() as session:
+            row = await self._locked_key_row(session, tenant, key)
+            current = KeyState(row.state)
+            if current is target:
+                raise InvalidStateTransition(f"key {key!r} is already {target.value}")
+            row.state = target.value
+            row.updated_at = self._clock()
+            await session.flush()
+            await self._audit(
+                session,
+                ctx,
+                "key.enabled" if enabled else "key.disabled",
+                tenant=tenant,
+                key=key,
+                details={"from": current.value, "to": target.value},
+            )
+            meta = await self._load(session, tenant, key)
+        self._cache.invalidate(tenant, key)
+        assert meta is not None
+        return meta
+
+    # -- re-key tracking ---------------------------------------------------------------------
+
+    @staticmethod
+    async def count_below(session: AsyncSession, key_id: int, version: int) -> int:
+        """DEK ids of the key whose newest derived version is below ``version``."""
+        count = await session.scalar(
+            select(func.count()).where(DekUsage.key_id == key_id, DekUsage.version < version)
+        )
+        return int(count or 0)
+
+    async def usage(self, tenant: str, key: str, *, limit: int) -> dict[str, Any]:
+        """Re-key progress: ids per version, and the ids not yet on the primary version (oldest
+        first, at most ``limit``)."""
+        async with self._db.read() as session:
+            row = await self._key_row(session, tenant, key)
+            if row is None:
+                raise NotFound(f"key {key!r} of tenant {tenant!r} not found")
+            meta = await self._load(session, tenant, key)
+            assert meta is not None
+            counts = {
+                int(v): int(n)
+                for v, n in (
+                    await session.execute(
+                        select(DekUsage.version, func.count())
+                        .where(DekUsage.key_id == row.id)
+                        .group_by(DekUsage.version)
+                    )
+                ).all()
+            }
+            current = meta.primary_version or meta.latest_version
+            old = (
+                await session.execute(
+                    select(DekUsage.purpose, DekUsage.dek_id, DekUsage.version, DekUsage.last_derived_at)
+                    .where(DekUsage.key_id == row.id, DekUsage.version < current)
+                    .order_by(DekUsage.version, DekUsage.last_derived_at, DekUsage.purpose, DekUsage.dek_id)
+                    .limit(limit)
+                )
+            ).all()
+        return {
+            "primary_version": meta.primary_version,
+            "versions": [
+                {"version": v, "ids": counts.get(v, 0)} for v in sorted(set(meta.versions) | set(counts))
+            ],
+            "old_ids": [
+                {
+                    "purpose": r.purpose,
+                    "id": r.dek_id,
+                    "version": r.version,
+                    "last_derived_at": r.last_derived_at,
+                }
+                for r in old
+            ],
+            "old_total": sum(n for v, n in counts.items() if v < current),
+            "total": sum(counts.values()),
+        }
+
+    # -- scheduled work (kms_service.scheduler) ----------------------------------------------
+
+    @staticmethod
+    async def _claim_key(session: AsyncSession, where: ColumnElement[bool], skip: set[int]) -> Key | None:
+        """One key row matching ``where``, locked; rows another transaction holds are skipped
+        (PostgreSQL ``FOR UPDATE SKIP LOCKED``; SQLite's BEGIN IMMEDIATE already serialises)."""
+        stmt = select(Key).where(where)
+        if skip:
+            stmt = stmt.where(Key.id.not_in(skip))
+        stmt = stmt.order_by(Key.id).limit(1).with_for_update(skip_locked=True)
+        return (await session.scalars(stmt)).one_or_none()
+
+    async def rotate_due(self, now: datetime) -> Done:
+        """Rotate every enabled key whose next_rotation_at has passed, once each (the claim and
+        the rotation are one transaction under the key's row lock). Returns (tenant, key, new
+        version) of each rotation made here."""
+        due = and_(
+            Key.state == KeyState.ENABLED.value,
+            Key.next_rotation_at.is_not(None),
+            Key.next_rotation_at <= now,
+        )
+        done: Done = []
+        skip: set[int] = set()
+        while True:
+            claimed: tuple[str, str] | None = None
+            try:
+                async with self._db.write() as session:
+                    row = await self._claim_key(session, due, skip)
+                    if row is None:
+                        return done
+                    skip.add(row.id)
+                    claimed = (row.tenant_id, row.name)
+                    version = await self.rotate_locked(session, SCHEDULER_CTX, row, now=now, automatic=True)
+            except (DatabaseUnavailable, AuditUnavailable):
+                raise
+            except ServiceError as exc:  # e.g. its provider is down: the next run retries it
+                if claimed is None:
+                    raise
+                log.warning("automatic rotation of %s/%s failed: %s", *claimed, exc.code)
+                continue
+            self._cache.invalidate(*claimed)
+            done.append((*claimed, version))
+
+    async def destroy_due(self, now: datetime) -> Done:
+        """Destroy every version scheduled for destruction whose destroy_at has passed: state
+        ``destroyed``, version_salt and wrapped_secret erased (crypto-shredding), audited as
+        system:scheduler. Each version exactly once: the state is re-read under the key's lock."""
+        version_due = and_(
+            KeyVersion.state == VersionState.SCHEDULED_FOR_DESTRUCTION.value,
+            KeyVersion.destroy_at.is_not(None),
+            KeyVersion.destroy_at <= now,
+        )
+        key_due = Key.id.in_(select(KeyVersion.key_id).where(version_due))
+        done: Done = []
+        skip: set[int] = set()
+        while True:
+            async with self._db.write() as session:
+                row = await self._claim_key(session, key_due, skip)
+                if row is None:
+                    return done
+                skip.add(row.id)
+                tenant, key = row.tenant_id, row.name
+                versions = (
+                    await session.scalars(
+                        select(KeyVersion)
+                        .where(KeyVersion.key_id == row.id, version_due)
+                        .order_by(KeyVersion.version)
+                    )
+                ).all()
+                for ver in versions:
+                    ver.state = VersionState.DESTROYED.value
+                    ver.version_salt = None
+                    ver.wrapped_secret = None
+                    ver.destroyed_at = now
+                    ver.state_changed_at = now
+                row.updated_at = now
+                await session.flush()
+                for ver in versions:
+                    assert ver.destroy_at is not None
+                    await self._audit(
+                        session,
+                        SCHEDULER_CTX,
+                        "key.version.destroyed",
+                        tenant=tenant,
+                        key=key,
+                        version=ver.version,
+                        details={
+                            "from": VersionState.SCHEDULED_FOR_DESTRUCTION.value,
+                            "to": VersionState.DESTROYED.value,
+                            "destroy_at": ver.destroy_at.isoformat(),
+                        },
+                    )
+            self._cache.invalidate(tenant, key)
+            done += [(tenant, key, v.version) for v in versions]
