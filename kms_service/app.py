@@ -29,6 +29,7 @@ import kms_service
 from kms_service.audit.checkpoints import Checkpointer, DirectorySink, signing_key
 from kms_service.audit.router import router as audit_router
 from kms_service.audit.writer import AuditBatcher
+from kms_service.auth.identities import IdentityConfigError, load_identities
 from kms_service.auth.router import router as tokens_router
 from kms_service.auth.tokens import TokenCache, TokenService
 from kms_service.changes import ChangeFeed
@@ -122,6 +123,10 @@ async def load_installation(db: Database, settings: Settings) -> Installation:
 
 
 async def build_services(settings: Settings) -> Services:
+    try:
+        identities = load_identities(settings)  # certificate and workload-JWT agents
+    except IdentityConfigError as exc:
+        raise StartupError(str(exc)) from None
     db = Database(
         settings.resolved_database_url, pool_size=settings.db_pool_size, timeout=settings.db_timeout_seconds
     )
@@ -149,7 +154,7 @@ async def build_services(settings: Settings) -> Services:
     meta_cache = KeyMetaCache(max_entries=1_000_000, ttl=settings.metadata_cache_max_age_seconds)
     kek_cache = KekSecretCache(max_entries=settings.kek_cache_max_entries, ttl=settings.kek_cache_ttl_seconds)
     material = KeyMaterial(installation, pool, kek_cache)
-    tokens = TokenService(db, installation, batcher, token_cache)
+    tokens = TokenService(db, installation, batcher, token_cache, identities=identities)
     keys = KeyService(
         db, installation, material, meta_cache, pkcs11_allowed_modules=settings.pkcs11_allowed_modules
     )

@@ -147,6 +147,22 @@ def serve(
         await services.db.dispose()
 
     run(preflight())
+    tls_options: dict[str, Any] = {}
+    if settings.tls_cert_file is not None:
+        from kms_service.tls import (
+            TlsConfigError,
+            TlsHttpToolsProtocol,
+            server_ssl_context,
+            ssl_context_factory,
+        )
+
+        try:
+            server_ssl_context(settings)  # fail here, with the reason, before forking workers
+        except TlsConfigError as exc:
+            raise fail(str(exc), 2) from None
+        # The factory runs again in each worker (uvicorn's Config.load()), from the environment.
+        tls_options = {"ssl_context_factory": ssl_context_factory, "http": TlsHttpToolsProtocol}
+    scheme = "https" if tls_options else "http"
     # Workers re-read settings from the environment: pass the CLI overrides on.
     os.environ["KMS_DATA_DIR"] = str(settings.data_dir)
     os.environ["KMS_LISTEN"] = settings.listen
@@ -154,9 +170,8 @@ def serve(
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    typer.echo(
-        f"kms-service on http://{settings.listen}  (API docs: http://{settings.listen}/docs)", err=True
-    )
+    base = f"{scheme}://{settings.listen}"
+    typer.echo(f"kms-service on {base}  (API docs: {base}/docs)", err=True)
     uvicorn.run(
         "kms_service.app:create_app",
         factory=True,
@@ -166,8 +181,8 @@ def serve(
         log_level=settings.log_level,
         access_log=False,
         loop="uvloop",
-        http="httptools",
         lifespan="on",
+        **({"http": "httptools"} | tls_options),
     )
 
 

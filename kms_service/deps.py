@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kms_service.auth.principal import Permission, Principal
 from kms_service.errors import Forbidden
 from kms_service.request import Actx, RequestMeta
+from kms_service.tls import peer_certificate_pem
 
 if TYPE_CHECKING:
     from kms_service.app import Services
@@ -42,7 +43,7 @@ MetaDep = Annotated[RequestMeta, Depends(get_meta)]
 
 # Declares the scheme in OpenAPI (the "Authorize" button of /docs); the raw header is still what
 # authenticate() checks, so malformed headers are told apart from missing ones in the audit log.
-bearer_scheme = HTTPBearer(auto_error=False, description="A kms-service token: `kms_...`")
+bearer_scheme = HTTPBearer(auto_error=False, description="A kms-service token (`kms_...`) or a workload JWT")
 
 
 async def current_principal(
@@ -52,7 +53,9 @@ async def current_principal(
     _scheme: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
-    principal = await services.tokens.authenticate(authorization, meta)
+    principal = await services.tokens.authenticate(
+        authorization, meta, client_cert_pem=peer_certificate_pem(request.scope)
+    )
     request.state.principal = principal
     return principal
 

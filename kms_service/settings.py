@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,6 +76,20 @@ class Settings(BaseSettings):
     usage_flush_interval_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
     usage_flush_max_items: Annotated[int, Field(ge=1, le=100_000)] = 1000
 
+    # TLS on `kms serve` (both files or neither; TLS 1.2 minimum) and optional client certificates.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    tls_client_cert: Literal["none", "optional", "required"] = "none"
+    # Agents bound to a client certificate instead of a bearer token (JSON or TOML list).
+    cert_principals_file: Path | None = None
+    # Agents presenting a Kubernetes projected service-account token (a JWT) as the bearer.
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_jwks_file: Path | None = None
+    jwt_subjects_file: Path | None = None
+
     db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     db_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
 
@@ -122,6 +136,13 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"KMS_DATABASE_URL_FILE: {exc}") from None
             object.__setattr__(self, "database_url", checked)
+        return self
+
+    @model_validator(mode="after")
+    def _check_tls_and_identities(self) -> Settings:
+        from kms_service.identity_settings import check_identity_settings
+
+        check_identity_settings(self)
         return self
 
     @property

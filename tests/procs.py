@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -42,19 +43,26 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(settings: Settings, *args: str, extra_env: dict[str, str] | None = None) -> Iterator[str]:
-    """`kms serve` on a free port until the block ends; yields its base URL."""
+def running_server(
+    settings: Settings,
+    *args: str,
+    extra_env: dict[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> Iterator[str]:
+    """`kms serve` on a free port until the block ends; yields its base URL. With ``tls`` (a client
+    context trusting the server, with a client certificate if the server requires one) the
+    server is expected to speak HTTPS (KMS_TLS_* in ``extra_env``) and the URL is https://."""
     port = free_port()
     env = kms_env(settings, KMS_LISTEN=f"127.0.0.1:{port}", **(extra_env or {}))
     proc = subprocess.Popen(
         [KMS, "serve", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    base = f"http://127.0.0.1:{port}"
+    base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(base + "/v1/sys/health", timeout=1).status_code == 200:
+                if httpx.get(base + "/v1/sys/health", timeout=1, verify=tls or True).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import inspect
 import logging
 import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -16,6 +18,7 @@ from sqlalchemy import select
 
 from kms_service.audit.chain import Actor, EventDraft
 from kms_service.audit.writer import AuditBatcher, Change, Clock, append_events, utcnow
+from kms_service.auth.identities import Identities, IdentityDenied, looks_like_jwt
 from kms_service.auth.principal import Operation, Principal, Role
 from kms_service.db.engine import Database
 from kms_service.db.models import Tenant, Token
@@ -137,20 +140,29 @@ class TokenService:
         cache: TokenCache,
         *,
         clock: Clock = utcnow,
+        identities: Identities | None = None,
     ) -> None:
+        self._identities = identities or Identities()
         self._db = db
         self._inst = installation
         self._batcher = batcher
         self._cache = cache
         self._clock = clock
 
-    async def authenticate(self, authorization: str | None, meta: RequestMeta) -> Principal:
-        """Resolve a ``Bearer`` header to a principal, or audit the denial and raise 401."""
+    async def authenticate(
+        self, authorization: str | None, meta: RequestMeta, *, client_cert_pem: str | None = None
+    ) -> Principal:
+        """Resolve a ``Bearer`` header (a ``kms_`` token, or a workload JWT) or, without one, the
+        verified TLS client certificate to a principal; or audit the denial and raise 401."""
         if not authorization:
+            if client_cert_pem is not None and self._identities.certs is not None:
+                return await self._external(self._identities.certs.resolve, client_cert_pem, meta)
             await self._deny(ANONYMOUS, "missing", meta)
             raise Unauthenticated("missing bearer token")
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
+        if scheme.lower() == "bearer" and self._identities.jwt is not None and looks_like_jwt(token):
+            return await self._external(self._identities.jwt.verify, token, meta)
         if scheme.lower() != "bearer" or not _TOKEN_RE.fullmatch(token):
             await self._deny(ANONYMOUS, "malformed", meta)
             raise Unauthenticated("malformed bearer token")
@@ -171,6 +183,16 @@ class TokenService:
             await self._deny(principal.actor, "expired", meta)
             raise Unauthenticated("invalid or expired token")
         return principal
+
+    async def _external(
+        self, resolve: Callable[[str], Principal | Awaitable[Principal]], credential: str, meta: RequestMeta
+    ) -> Principal:
+        try:
+            result = resolve(credential)
+            return await result if inspect.isawaitable(result) else result
+        except IdentityDenied as exc:
+            await self._deny(exc.actor or ANONYMOUS, exc.reason, meta)
+            raise Unauthenticated("invalid or expired credentials") from None
 
     async def _load(self, digest: bytes) -> TokenRecord | None:
         async with self._db.read() as session:

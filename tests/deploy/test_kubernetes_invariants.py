@@ -30,10 +30,8 @@ from tests.deploy.helpers import (
 from tests.deploy.kustomize import Manifest, split_image
 
 HEALTH = "/v1/sys/health"
-# KMS_* names the manifests may set although they are not Settings fields: read by the code
-# directly (KMS_SEAL_SECRETS, see kms_service/seal.py), or settings of work in progress (TLS).
-# Read by the service outside Settings (kms_service/seal.py), or settings still to come (TLS).
-NOT_SETTINGS = {"KMS_SEAL_SECRETS_FILE", "KMS_TLS_CERT_FILE", "KMS_TLS_KEY_FILE", "KMS_TLS_CLIENT_CA_FILE"}
+# Read by the service outside Settings (kms_service/seal.py).
+NOT_SETTINGS = {"KMS_SEAL_SECRETS_FILE"}
 
 
 def workloads(name: str) -> list[Manifest]:
@@ -241,7 +239,11 @@ def test_kms_environment_names_are_real_settings(name: str) -> None:
                     if (
                         var["name"] in known
                         and "value" in var
-                        and not var["name"].endswith(("_FILE", "_DIR"))
+                        # Files are not read here, except that the TLS ones are only paths at
+                        # validation (their combination is checked: cert+key, CA for client certs).
+                        and (
+                            not var["name"].endswith(("_FILE", "_DIR")) or var["name"].startswith("KMS_TLS_")
+                        )
                     ):
                         values[var["name"][4:].lower()] = var["value"]
     Settings(**values)  # the literal values validate (listen, workers, log level ...)
