@@ -21,6 +21,7 @@ from kms_client.errors import (
     Forbidden,
     InvalidRequest,
     InvalidStateTransition,
+    KeyDisabled,
     KeyVersionBelowMinimum,
     KeyVersionDisabled,
     KmsError,
@@ -37,6 +38,7 @@ from kms_client.errors import (
     Unauthenticated,
     Unavailable,
     UnexpectedResponse,
+    WouldCutOffIds,
 )
 from kms_client.models import (
     AuditPage,
@@ -83,6 +85,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidStateTransition",
     "Key",
+    "KeyDisabled",
     "KeyVersion",
     "KeyVersionBelowMinimum",
     "KeyVersionDisabled",
@@ -106,5 +109,6 @@ __all__ = [
     "Unavailable",
     "UnexpectedResponse",
     "Unset",
+    "WouldCutOffIds",
     "ssl_context",
 ]

@@ -174,6 +174,7 @@ def update_key(
     key: str,
     min_decryption_version: int | Unset,
     rotation_period_days: int | Unset | None,
+    force: bool = False,
 ) -> Op[Key]:
     body: dict[str, Any] = {}
     if not isinstance(min_decryption_version, Unset):
@@ -182,6 +183,8 @@ def update_key(
         body["rotation_period_days"] = rotation_period_days
     if not body:
         raise ValueError("update_key: nothing to change")
+    if force:
+        body["force"] = True
     return Op("PATCH", _key_path(tenant, key), _one(Key.from_json), json=body)
 
 

@@ -273,9 +273,12 @@ class AsyncKmsClient:
         *,
         min_decryption_version: int | Unset = UNSET,
         rotation_period_days: int | Unset | None = UNSET,
+        force: bool = False,
     ) -> Key:
         """Change only the fields given (``rotation_period_days=None`` turns rotation off)."""
-        return await self._run(_api.update_key(tenant, key, min_decryption_version, rotation_period_days))
+        return await self._run(
+            _api.update_key(tenant, key, min_decryption_version, rotation_period_days, force)
+        )
 
     async def rotate_key(self, tenant: str, key: str, *, reason: str | None = None) -> Key:
         """Create version v+1 and make it primary.

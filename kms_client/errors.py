@@ -28,6 +28,7 @@ __all__ = [
     "Forbidden",
     "InvalidRequest",
     "InvalidStateTransition",
+    "KeyDisabled",
     "KeyVersionBelowMinimum",
     "KeyVersionDisabled",
     "KmsError",
@@ -44,6 +45,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "UnexpectedResponse",
+    "WouldCutOffIds",
     "error_from_problem",
     "parse_retry_after",
 ]
@@ -146,6 +148,19 @@ class InvalidStateTransition(Conflict):
     default_code = "invalid_state_transition"
 
 
+class KeyDisabled(Conflict):
+    """``key_disabled``: the whole key is disabled; nothing derives or decrypts."""
+
+    default_code = "key_disabled"
+
+
+class WouldCutOffIds(Conflict):
+    """``would_cut_off_ids``: raising min_decryption_version would strand DEK ids still on older
+    versions (``extra["cut_off"]``); re-key them, or repeat with ``force=True``."""
+
+    default_code = "would_cut_off_ids"
+
+
 class ProviderError(Conflict):
     """The key's provider (cloud KMS, HSM, KMIP) refused; ``code`` is the provider's own code."""
 
@@ -224,6 +239,8 @@ _BY_CODE: dict[str, type[KmsError]] = {
     "key_version_below_minimum": KeyVersionBelowMinimum,
     "no_enabled_version": NoEnabledVersion,
     "invalid_state_transition": InvalidStateTransition,
+    "key_disabled": KeyDisabled,
+    "would_cut_off_ids": WouldCutOffIds,
     "provider_error": ProviderError,
     "provider_validation_failed": ProviderValidationFailed,
     "not_configured": NotConfigured,

@@ -26,6 +26,7 @@ from kms_client import (
     KmsClient,
     NotFound,
     Unauthenticated,
+    WouldCutOffIds,
 )
 from tests.clients.conftest import Live
 
@@ -154,7 +155,10 @@ def test_data_plane_calls_and_errors(live: Live, tmp_path: Path) -> None:
         with pytest.raises(KeyVersionDisabled):
             kms.derive(tenant, "volumes", "pg-data-0", version=1)
         live.admin.enable_version(tenant, "volumes", 1)
-        live.admin.update_key(tenant, "volumes", min_decryption_version=2)
+        with pytest.raises(WouldCutOffIds) as cut:  # pg-data-0 was derived under v1 above
+            live.admin.update_key(tenant, "volumes", min_decryption_version=2)
+        assert cut.value.code == "would_cut_off_ids"
+        live.admin.update_key(tenant, "volumes", min_decryption_version=2, force=True)
         with pytest.raises(KeyVersionBelowMinimum):
             kms.derive(tenant, "volumes", "pg-data-0", version=1)
 
