@@ -10,8 +10,6 @@ decided by its (fresh) metadata, and a reload forgets the secrets of destroyed v
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from sqlalchemy import func, select
@@ -20,6 +18,7 @@ from kms_service.auth.tokens import TokenCache
 from kms_service.db.engine import Database
 from kms_service.db.models import ConfigChange
 from kms_service.keys.cache import KeyMetaCache
+from kms_service.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +26,18 @@ log = logging.getLogger(__name__)
 class ChangeFeed:
     def __init__(self, db: Database, *, interval: float, meta: KeyMetaCache, tokens: TokenCache) -> None:
         self._db = db
-        self._interval = interval
         self._meta = meta
         self._tokens = tokens
         self._last = 0
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicTask("change-feed", interval, self.poll_once)
 
     async def start(self) -> None:
         async with self._db.read() as session:
             self._last = int(await session.scalar(select(func.max(ConfigChange.seq))) or 0)
-        self._task = asyncio.create_task(self._run(), name="change-feed")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._periodic.stop()
 
     async def poll_once(self) -> int:
         async with self._db.read() as session:
@@ -68,17 +62,3 @@ class ChangeFeed:
                 self._meta.invalidate(row.tenant, row.key)
             self._last = row.seq
         return len(rows)
-
-    async def _run(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.poll_once()
-                if failing:
-                    log.info("change feed recovered")
-                failing = False
-            except Exception as exc:
-                if not failing:
-                    log.warning("change feed poll failed: %s", type(exc).__name__)
-                failing = True

@@ -11,13 +11,12 @@ each due item is acted on exactly once however many replicas run. The clock is i
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
 from kms_service.audit.writer import Clock, utcnow
 from kms_service.keys.service import Done, KeyService
+from kms_service.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +30,8 @@ class RunResult:
 class Scheduler:
     def __init__(self, keys: KeyService, *, interval: float, clock: Clock = utcnow) -> None:
         self._keys = keys
-        self._interval = interval
         self.clock = clock
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicTask("scheduler", interval, self.run_once)
         self.runs = 0
 
     async def run_once(self) -> RunResult:
@@ -48,26 +46,7 @@ class Scheduler:
         return RunResult(destroyed=destroyed, rotated=rotated)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="scheduler")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.run_once()
-                if failing:
-                    log.info("scheduler recovered")
-                failing = False
-            except Exception as exc:
-                if not failing:
-                    log.warning("scheduler run failed: %s", type(exc).__name__)
-                failing = True
+        await self._periodic.stop()

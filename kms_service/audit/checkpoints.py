@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from kms_service.audit.writer import Clock, utcnow
 from kms_service.db.engine import Database
 from kms_service.db.models import AuditHead
 from kms_service.master import SecretBytes
+from kms_service.periodic import PeriodicTask
 
 log = logging.getLogger(__name__)
 
@@ -154,20 +154,16 @@ class Checkpointer:
         self._monotonic = monotonic
         self._last_seq = 0
         self._last_at = monotonic()
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicTask("audit-checkpointer", poll, self.maybe_checkpoint)
 
     def start(self) -> None:
         latest = self._sink.latest()
         if latest is not None:
             self._last_seq = int(latest.get("seq", 0))
-        self._task = asyncio.create_task(self._run(), name="audit-checkpointer")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._periodic.stop()
 
     async def checkpoint_now(self) -> dict[str, Any] | None:
         async with self._db.read() as session:
@@ -189,14 +185,6 @@ class Checkpointer:
             return None
         due = seq - self._last_seq >= self._every or self._monotonic() - self._last_at >= self._interval
         return await self.checkpoint_now() if due else None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._poll)
-            try:
-                await self.maybe_checkpoint()
-            except Exception as exc:
-                log.warning("audit checkpoint failed: %s", type(exc).__name__)
 
 
 def latest_checkpoint(
