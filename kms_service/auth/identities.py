@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -174,25 +175,36 @@ class CertPrincipals:
         return cls(_validated(_CertEntry, _read_entries(path, variable), variable, path))
 
     def resolve(self, pem: str) -> Principal:
-        try:
-            cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
-        except ValueError:
-            raise IdentityDenied("cert_malformed") from None
-        spki = cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        fingerprint = hashlib.sha256(spki).hexdigest()
+        identified = _identify(pem)
+        if identified is None:
+            raise IdentityDenied("cert_malformed")
+        fingerprint, sans = identified
         token_id = "cert:" + fingerprint[:16]
         actor = Actor(type="agent", id=token_id)
         entry = self._by_spki.get(fingerprint)
         if entry is None:
-            matches = {id(e): e for san in _sans(cert) for e in self._by_san.get(san, [])}
+            matches = {id(e): e for san in sans for e in self._by_san.get(san, [])}
             if len(matches) > 1:
                 raise IdentityDenied("cert_ambiguous", actor)
             if not matches:
                 raise IdentityDenied("cert_unknown", actor)
             entry = next(iter(matches.values()))
         return _principal(token_id, entry)
+
+
+@functools.lru_cache(maxsize=1024)
+def _identify(pem: str) -> tuple[str, tuple[str, ...]] | None:
+    """(SPKI SHA-256 hex, SANs) of a certificate, or None if it does not parse. Cached: every
+    request on a connection presents the same certificate, and parsing it costs more than the
+    rest of authentication. The result holds no secret (a public key's digest and names)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    except ValueError:
+        return None
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest(), tuple(_sans(cert))
 
 
 def _norm_san(value: str) -> str:
