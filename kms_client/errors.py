@@ -260,8 +260,7 @@ def _class_for_status(status: int) -> type[KmsError]:
     if status == 404:
         return NotFound
     if status == 409:
-        # Provider failures carry the provider's own code (e.g. "aws_access_denied").
-        return ProviderError
+        return Conflict
     if status == 429:
         return RateLimited
     if status == 503:
@@ -288,7 +287,10 @@ def error_from_problem(
     raw_code = problem.get("code")
     code = raw_code if isinstance(raw_code, str) and raw_code else f"http_{status}"
     raw_detail = problem.get("detail") or problem.get("title") or code
-    cls = _BY_CODE.get(code) or _class_for_status(status)
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        # Provider refusals carry the provider's own code (e.g. "provider_access_denied").
+        cls = ProviderError if code.startswith("provider_") and status == 409 else _class_for_status(status)
     # A known code served with an unexpected status keeps its class; an unknown 503 code is still
     # an Unavailable (retryable) and an unknown 429 a RateLimited.
     if status == 503 and not issubclass(cls, Unavailable):

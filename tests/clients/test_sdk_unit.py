@@ -131,7 +131,7 @@ def client(handler: Handler, fake: FakeTime | None = None, **kw: Any) -> KmsClie
         (409, "key_version_below_minimum", KeyVersionBelowMinimum),
         (409, "no_enabled_version", NoEnabledVersion),
         (409, "invalid_state_transition", InvalidStateTransition),
-        (409, "aws_access_denied", ProviderError),  # provider codes are open-ended
+        (409, "provider_access_denied", ProviderError),  # provider_* codes are open-ended
         (413, "payload_too_large", InvalidRequest),
         (415, "unsupported_media_type", InvalidRequest),
         (418, "something_new", InvalidRequest),  # unknown 4xx code: by status
@@ -657,3 +657,13 @@ async def test_async_client_uses_the_same_tls_options(mtls_server: dict[str, Any
         s["url"], token="t", ca_bundle=s["ca"], client_cert=s["client_cert"], client_key=s["client_key"]
     ) as kms:
         assert (await kms.identity()).cluster_id == "agent-1"
+
+
+def test_unknown_conflicts_are_conflicts_and_provider_codes_are_provider_errors() -> None:
+    from kms_client.errors import Conflict, ProviderError, error_from_problem
+
+    other = error_from_problem({"status": 409, "code": "some_future_conflict", "detail": "x"})
+    assert type(other) is Conflict
+    provider = error_from_problem({"status": 409, "code": "provider_access_denied", "detail": "x"})
+    assert isinstance(provider, ProviderError)
+    assert provider.code == "provider_access_denied"
